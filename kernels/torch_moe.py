@@ -1,0 +1,108 @@
+"""Torch implementations of the dropless, variable-k sparse expert MLP."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class DispatchPlan(NamedTuple):
+    """(token, expert) pairs with a nonzero gate, sorted by expert."""
+
+    token_idx: torch.Tensor  # (P,) int64
+    expert_idx: torch.Tensor  # (P,) int64
+    weights: torch.Tensor  # (P,) gate values, differentiable with respect to `gates`
+    offsets: torch.Tensor  # (E,) int32, cumulative pair count per expert (end offsets)
+
+
+def build_dispatch_plan(gates: torch.Tensor) -> DispatchPlan:
+    """Sort the nonzero entries of `gates (T, E)` by expert.
+
+    Scanning the transposed gates in row-major order yields pairs already grouped by expert, so no sort is needed.
+    The only host synchronisation is the one `nonzero` needs for the pair count.
+    """
+    active = gates.detach() != 0
+    expert_idx, token_idx = active.t().nonzero(as_tuple=True)
+    offsets = active.sum(0).cumsum(0).to(torch.int32)  # no bincount: on CUDA it synchronises to find its length
+    return DispatchPlan(token_idx, expert_idx, gates[token_idx, expert_idx], offsets)
+
+
+def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def grouped_mm_supported(hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """Whether `F.grouped_mm` takes these operands.
+
+    It needs 16-byte aligned weights whose rows are contiguous and 16-byte aligned row strides (H and I multiples of
+    16 / element size); on CUDA, its fast kernel needs bf16 on Hopper or Blackwell (anything else falls back to a
+    host-synchronising loop in torch).
+    """
+    if not hasattr(F, "grouped_mm") or not hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype:
+        return False
+    if hidden_states.device.type == "cuda" and (
+        hidden_states.dtype != torch.bfloat16
+        or torch.cuda.get_device_capability(hidden_states.device)[0] not in (9, 10)
+    ):
+        return False
+    alignment = 16 // hidden_states.element_size()
+    hidden, intermediate = down_proj.shape[1], down_proj.shape[2]
+    return (
+        hidden % alignment == 0
+        and all(
+            w.stride(2) == 1
+            and w.stride(0) % alignment == 0
+            and w.stride(1) % alignment == 0
+            and w.data_ptr() % 16 == 0
+            for w in (gate_up_proj, down_proj)
+        )
+        and intermediate % alignment == 0
+    )
+
+
+def grouped_mm_sparse_moe_mlp(
+    hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """Sparse expert MLP with `torch.nn.functional.grouped_mm` over the expert-sorted pairs.
+
+    Where `grouped_mm_supported` says no, this runs the looped path, which gives the same result.
+    """
+    if not grouped_mm_supported(hidden_states, gate_up_proj, down_proj):
+        return looped_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj)
+    plan = build_dispatch_plan(gates)
+    rows = hidden_states[plan.token_idx]
+    gate_up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=plan.offsets)
+    expert_out = F.grouped_mm(_swiglu(gate_up).contiguous(), down_proj.transpose(1, 2), offs=plan.offsets)
+    weighted = expert_out * plan.weights.to(expert_out.dtype)[:, None]
+    return torch.zeros_like(hidden_states).index_add_(0, plan.token_idx, weighted.to(hidden_states.dtype))
+
+
+def looped_sparse_moe_mlp(
+    hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """Sparse expert MLP as a loop over the experts that received tokens (the reference path)."""
+    plan = build_dispatch_plan(gates)
+    output = torch.zeros_like(hidden_states)
+    start = 0
+    for expert, end in enumerate(plan.offsets.tolist()):
+        if end == start:
+            continue
+        token_idx = plan.token_idx[start:end]
+        gate_up = F.linear(hidden_states[token_idx], gate_up_proj[expert])
+        expert_out = F.linear(_swiglu(gate_up), down_proj[expert])
+        weighted = expert_out * plan.weights[start:end].to(expert_out.dtype)[:, None]
+        output.index_add_(0, token_idx, weighted.to(output.dtype))
+        start = end
+    return output
+
+
+def dense_reference_moe_mlp(
+    hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """Every expert on every token, weighted by the gates: the einsum oracle for tests (O(T*E*H) memory)."""
+    gate_up = torch.einsum("th,eih->tei", hidden_states, gate_up_proj)
+    expert_out = torch.einsum("tei,ehi->teh", _swiglu(gate_up), down_proj)
+    return torch.einsum("te,teh->th", gates.to(expert_out.dtype), expert_out)

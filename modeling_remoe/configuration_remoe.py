@@ -1,0 +1,157 @@
+"""ReMoE model configuration."""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+ROUTER_TYPES = ("relu", "topk", "dense")
+LOAD_BALANCE_TYPES = ("refined_l1", "l1")
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "triton")
+
+
+@strict
+class ReMoEConfig(PreTrainedConfig):
+    r"""Configuration of a LLaMA-style decoder whose FFNs are ReLU-routed (ReMoE), TopK-routed or dense.
+
+    Args:
+        num_experts (`int`, defaults to 8): experts per MoE layer before the granularity split (E).
+        num_experts_per_tok (`int`, defaults to 1): TopK's k; ReMoE's target sparsity is `1 - k / E`.
+        granularity (`int`, defaults to 1): fine-grained experts G: `E * G` experts of size `intermediate_size / G`.
+        router_type (`str`, defaults to `"relu"`): `"relu"` (ReMoE), `"topk"` (softmax, top-k, Switch balancing loss)
+            or `"dense"` (a SwiGLU FFN of the same active size, `k * intermediate_size`).
+        moe_layer_freq (`int`, defaults to 1): every `moe_layer_freq`-th layer is MoE, the others dense.
+        l1_coef_init (`float`, defaults to 1e-8): lambda_0 of the adaptive L1 controller.
+        l1_coef_multiplier (`float`, defaults to 1.2): alpha of the controller, > 1.
+        load_balance (`str`, defaults to `"refined_l1"`): `"refined_l1"` (load-balanced L1) or `"l1"` (plain L1).
+        router_aux_loss_coef (`float`, defaults to 0.01): weight of the Switch load-balancing loss (TopK only).
+        experts_implementation (`str`, *optional*): `"eager"`, `"grouped_mm"` or `"triton"`; default: `"triton"` on
+            CUDA when Triton is installed, else `"grouped_mm"`. Transformers keeps it in `config._experts_implementation`.
+
+    Example:
+
+    ```python
+    >>> import remoe
+    >>> from transformers import AutoModelForCausalLM
+    >>> model = AutoModelForCausalLM.from_config(remoe.ReMoEConfig(num_hidden_layers=2, hidden_size=64))
+    ```"""
+
+    model_type = "remoe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    default_theta = 1000000.0
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 50304
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1024
+    initializer_range: float = 0.01
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float | int = 0.0
+    num_experts: int = 8
+    num_experts_per_tok: int = 1
+    granularity: int = 1
+    router_type: str = "relu"
+    moe_layer_freq: int = 1
+    l1_coef_init: float = 1e-8
+    l1_coef_multiplier: float = 1.2
+    load_balance: str = "refined_l1"
+    router_aux_loss_coef: float = 0.01
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Raise `ValueError` naming the field for every invalid value (run at construction)."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
+                f"({self.num_key_value_heads})"
+            )
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        if self.load_balance not in LOAD_BALANCE_TYPES:
+            raise ValueError(f"`load_balance` must be one of {LOAD_BALANCE_TYPES}, got {self.load_balance!r}")
+        if self._experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
+            raise ValueError(
+                f"`experts_implementation` must be one of {EXPERTS_IMPLEMENTATIONS}, got {self._experts_implementation!r}"
+            )
+        if self.num_experts < 1:
+            raise ValueError(f"`num_experts` must be >= 1, got {self.num_experts}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"`num_experts_per_tok` must be between 1 and num_experts={self.num_experts}, "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.granularity < 1 or self.intermediate_size % self.granularity:
+            raise ValueError(
+                f"`granularity` must be >= 1 and divide intermediate_size={self.intermediate_size}, "
+                f"got {self.granularity}"
+            )
+        if self.moe_layer_freq < 1:
+            raise ValueError(f"`moe_layer_freq` must be >= 1, got {self.moe_layer_freq}")
+        if not math.isfinite(self.l1_coef_multiplier) or self.l1_coef_multiplier <= 1:
+            raise ValueError(f"`l1_coef_multiplier` must be a finite number > 1, got {self.l1_coef_multiplier}")
+        for name in ("l1_coef_init", "router_aux_loss_coef", "initializer_range", "attention_dropout"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+
+    @property
+    def num_routed_experts(self) -> int:
+        """Experts per MoE layer after the granularity split (`E * G`)."""
+        return self.num_experts * self.granularity
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """FFN width of one (fine-grained) expert."""
+        return self.intermediate_size // self.granularity
+
+    @property
+    def routed_top_k(self) -> int:
+        """Experts per token for TopK routing (`k * G`)."""
+        return self.num_experts_per_tok * self.granularity
+
+    @property
+    def target_sparsity(self) -> float:
+        """ReMoE's sparsity target `1 - k / E`."""
+        return 1.0 - self.num_experts_per_tok / self.num_experts
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether decoder layer `layer_idx` has an MoE FFN."""
+        return self.router_type != "dense" and (layer_idx + 1) % self.moe_layer_freq == 0
+
+
+__all__ = ["ReMoEConfig"]

@@ -1,0 +1,622 @@
+"""ReMoE: a LLaMA-style decoder with ReLU-routed (or TopK-routed, or dense) Mixture-of-Experts FFNs.
+
+This file is also shipped as Hub remote code: it imports only torch, transformers and its sibling configuration file;
+the `remoe.kernels` package is optional (without it the `eager` experts implementation runs).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_remoe import EXPERTS_IMPLEMENTATIONS, ReMoEConfig
+
+try:
+    from remoe.kernels import default_implementation as _default_experts_implementation
+    from remoe.kernels import sparse_moe_mlp as _sparse_moe_mlp
+except ImportError:  # remote code without the `remoe` package: the eager loop is always available
+    _sparse_moe_mlp = None
+
+    def _default_experts_implementation(device: torch.device) -> str:
+        return "eager"
+
+
+logger = logging.get_logger(__name__)
+
+
+class ReMoERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class ReMoERotaryEmbedding(nn.Module):
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: ReMoEConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim)."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
+
+
+class ReMoEAttention(nn.Module):
+    """Grouped-query attention with RoPE, dispatched through `ALL_ATTENTION_FUNCTIONS`."""
+
+    def __init__(self, config: ReMoEConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class ReMoEMLP(nn.Module):
+    """Dense SwiGLU FFN (Llama's `LlamaMLP` layout)."""
+
+    def __init__(self, config: ReMoEConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class ReMoERouter(nn.Module):
+    """`relu`: gates = ReLU(x W^T). `topk`: gates = TopK(Softmax(x W^T), k) without renormalisation."""
+
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.router_type = config.router_type
+        self.top_k = config.routed_top_k
+        self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H) -> router logits (T, E) and gates (T, E), mostly zero."""
+        router_logits = F.linear(hidden_states, self.weight)
+        if self.router_type == "relu":
+            return router_logits, F.relu(router_logits)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_values, top_indices = torch.topk(probs, self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(1, top_indices, top_values)
+        return router_logits, gates.to(hidden_states.dtype)
+
+
+class ReMoEExperts(nn.Module):
+    """E SwiGLU experts stored as 3D tensors; each token uses the experts whose gate is nonzero (0..E of them)."""
+
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_routed_experts
+        intermediate = config.expert_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, config.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, intermediate))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        implementation = self.config._experts_implementation or _default_experts_implementation(hidden_states.device)
+        if implementation != "eager" and _sparse_moe_mlp is not None:
+            return _sparse_moe_mlp(
+                hidden_states, gates, self.gate_up_proj, self.down_proj, implementation=implementation
+            )
+        return self._eager_forward(hidden_states, gates)
+
+    def _eager_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Reference: a loop over the experts that received at least one token."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            active = gates > 0
+            experts_hit = active.any(dim=0).nonzero().flatten().tolist()
+        for expert_idx in experts_hit:
+            token_idx = active[:, expert_idx].nonzero().flatten()
+            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
+            expert_out = expert_out * gates[token_idx, expert_idx, None]
+            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+
+class ReMoESparseMoeBlock(nn.Module):
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.router = ReMoERouter(config)
+        self.experts = ReMoEExperts(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, hidden_dim)
+        _, gates = self.router(hidden_states)
+        hidden_states = self.experts(hidden_states, gates)
+        return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class ReMoEDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: ReMoEConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = ReMoEAttention(config, layer_idx)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = ReMoESparseMoeBlock(config)
+        else:
+            self.mlp = ReMoEMLP(config, config.intermediate_size * config.num_experts_per_tok)
+        self.input_layernorm = ReMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = ReMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class ReMoEL1Controller(nn.Module):
+    """The adaptive L1 coefficient lambda (fp32 model state) and the routing statistics of the current step.
+
+    Once per optimizer step, `update()` turns the statistics into the step sparsity `S` and sets
+    `lambda <- lambda * alpha` if `S < target`, else `lambda <- lambda / alpha` (as the official implementation).
+    The accumulators are plain tensors, not buffers, so DDP never overwrites them with rank 0's values.
+    """
+
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.target_sparsity = config.target_sparsity
+        self.multiplier = config.l1_coef_multiplier
+        self.num_experts = config.num_routed_experts
+        self.register_buffer("l1_coef", torch.tensor(config.l1_coef_init, dtype=torch.float32))
+        self.reset_statistics()
+
+    def _apply(self, fn, recurse: bool = True):
+        # lambda stays fp32 whatever dtype the model is cast to; only its device follows.
+        l1_coef = self.l1_coef.detach().clone()
+        super()._apply(fn, recurse)
+        self.l1_coef = l1_coef.to(device=self.l1_coef.device)
+        return self
+
+    def reset_statistics(self) -> None:
+        self.active_per_layer: torch.Tensor | None = None  # (L,) nonzero gates
+        self.tokens_per_expert: torch.Tensor | None = None  # (L, E) tokens routed to each expert
+        self.num_tokens: torch.Tensor | None = None  # () tokens seen by each layer
+
+    @torch.no_grad()
+    def record(self, tokens_per_expert: torch.Tensor, num_tokens: int) -> None:
+        """Accumulate one micro-batch: `tokens_per_expert (L, E)` counts over `num_tokens` tokens."""
+        counts = tokens_per_expert.to(torch.float64)
+        tokens = torch.tensor(float(num_tokens), dtype=torch.float64, device=counts.device)
+        if self.tokens_per_expert is None:
+            self.tokens_per_expert, self.num_tokens = counts, tokens
+        else:
+            self.tokens_per_expert = self.tokens_per_expert + counts
+            self.num_tokens = self.num_tokens + tokens
+
+    @torch.no_grad()
+    def update(self, process_group=None, update_l1_coef: bool = True) -> dict[str, float]:
+        """Reduce the step's statistics over the data-parallel group, update lambda once, and return the metrics."""
+        if self.tokens_per_expert is None:
+            return {}
+        totals = torch.cat([self.tokens_per_expert.flatten(), self.num_tokens.view(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals, group=process_group)
+        tokens_per_expert = totals[:-1].view_as(self.tokens_per_expert)
+        num_tokens = totals[-1]
+        self.reset_statistics()
+
+        layer_density = tokens_per_expert.sum(dim=1) / (num_tokens * self.num_experts)
+        sparsity = 1.0 - layer_density.mean().item()
+        if update_l1_coef:
+            factor = self.multiplier if sparsity < self.target_sparsity else 1.0 / self.multiplier
+            self.l1_coef.mul_(torch.tensor(factor, dtype=torch.float32, device=self.l1_coef.device))
+        load = tokens_per_expert / tokens_per_expert.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        metrics = {"remoe/sparsity": sparsity, "remoe/l1_coef": self.l1_coef.item()}
+        metrics["remoe/experts_per_token"] = (layer_density.mean() * self.num_experts).item()
+        for layer, (density, layer_load) in enumerate(zip(layer_density.tolist(), load.tolist(), strict=True)):
+            metrics[f"remoe/sparsity/layer_{layer}"] = 1.0 - density
+            metrics[f"remoe/max_load/layer_{layer}"] = max(layer_load)
+        return metrics
+
+
+def routing_statistics(router_logits: tuple[torch.Tensor, ...], router_type: str, top_k: int) -> torch.Tensor:
+    """Tokens routed to each expert, per layer: (L, E)."""
+    counts = []
+    for logits in router_logits:
+        if router_type == "relu":
+            counts.append((logits > 0).sum(dim=0))
+        else:
+            top_indices = torch.topk(logits, top_k, dim=-1).indices
+            counts.append(
+                torch.zeros_like(logits[0]).scatter_add_(
+                    0, top_indices.flatten(), torch.ones_like(top_indices.flatten(), dtype=logits.dtype)
+                )
+            )
+    return torch.stack(counts).detach()
+
+
+def l1_regularization_loss(
+    router_logits: tuple[torch.Tensor, ...], num_experts_per_tok: int, load_balance: str
+) -> torch.Tensor:
+    """ReMoE's L_reg: mean over layers of `(1/T) sum_t sum_e f_e ReLU(logits)_te`, with `f_e = E/(kT) * #{t: active}`
+    detached (`refined_l1`) or `f_e = 1` (`l1`). `num_experts_per_tok` is the routed k (`k * G`)."""
+    losses = []
+    for logits in router_logits:
+        gates = F.relu(logits.float())
+        num_tokens, num_experts = gates.shape
+        gate_sums = gates.sum(dim=0)
+        if load_balance == "refined_l1":
+            frequency = (gates > 0).sum(dim=0).detach() * (num_experts / (num_experts_per_tok * num_tokens))
+            gate_sums = gate_sums * frequency
+        losses.append(gate_sums.sum() / num_tokens)
+    return torch.stack(losses).mean()
+
+
+def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch Transformer balancing loss `E * sum_e f_e P_e` (f normalised by k), averaged over layers."""
+    losses = []
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        num_tokens, num_experts = probs.shape
+        top_indices = torch.topk(probs, top_k, dim=-1).indices
+        fraction = torch.zeros(num_experts, device=probs.device).scatter_add_(
+            0, top_indices.flatten(), torch.ones(top_indices.numel(), device=probs.device)
+        ) / (num_tokens * top_k)
+        losses.append(num_experts * (fraction * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
+class ReMoEPreTrainedModel(PreTrainedModel):
+    config: ReMoEConfig
+    config_class = ReMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ReMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["controller"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(ReMoERouter, index=0),
+        "hidden_states": ReMoEDecoderLayer,
+        "attentions": ReMoEAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, ReMoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, ReMoERouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ReMoEL1Controller):
+            init.constant_(module.l1_coef, self.config.l1_coef_init)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str | None:
+        """Our experts take variable-k ReLU routes, so we accept our own implementations (None: best for the device),
+        never Transformers' fixed-k `ALL_EXPERTS_FUNCTIONS`."""
+        if requested_experts not in (None, *EXPERTS_IMPLEMENTATIONS):
+            raise ValueError(
+                f"`experts_implementation` must be one of {EXPERTS_IMPLEMENTATIONS} for ReMoE, got {requested_experts!r}"
+            )
+        if requested_experts not in (None, "eager") and _sparse_moe_mlp is None:
+            logger.warning_once(
+                f"experts_implementation={requested_experts!r} needs the `remoe` package; using 'eager' instead."
+            )
+            return "eager"
+        return requested_experts
+
+
+class ReMoEModel(ReMoEPreTrainedModel):
+    def __init__(self, config: ReMoEConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ReMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = ReMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = ReMoERotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+
+class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    # The regulariser is a per-micro-batch mean like the LM loss, so the Trainer averages both over accumulation.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ReMoEConfig):
+        super().__init__(config)
+        self.model = ReMoEModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.controller = ReMoEL1Controller(config) if config.router_type != "dense" else None
+        self.post_init()
+
+    def update_l1_coef(self, process_group=None) -> dict[str, float]:
+        """Close the optimizer step: reduce the routing statistics, update lambda (ReLU routing), return metrics."""
+        if self.controller is None:
+            return {}
+        return self.controller.update(process_group, update_l1_coef=self.config.router_type == "relu")
+
+    @property
+    def l1_coef(self) -> float | None:
+        """Current lambda of the adaptive L1 controller."""
+        return None if self.controller is None else self.controller.l1_coef.item()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeCausalLMOutputWithPast:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        has_router = self.controller is not None
+        regularize = has_router and self.training and torch.is_grad_enabled()
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=has_router and (output_router_logits or regularize),
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = None
+        if has_router and (output_router_logits or regularize):
+            router_logits = _valid_token_rows(outputs.router_logits, attention_mask)
+            if self.config.router_type == "relu":
+                aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
+                coef = self.controller.l1_coef
+            else:
+                aux_loss = switch_load_balancing_loss(router_logits, self.config.routed_top_k)
+                coef = self.config.router_aux_loss_coef
+            if regularize:
+                stats = routing_statistics(router_logits, self.config.router_type, self.config.routed_top_k)
+                self.controller.record(stats, router_logits[0].shape[0])
+            if loss is not None:
+                loss = loss + coef * aux_loss.to(loss.device)
+
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+
+def _valid_token_rows(
+    router_logits: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """Drop padded positions (2D attention mask) from each layer's (T, E) router logits."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != router_logits[0].shape[0]:
+        return router_logits
+    valid = attention_mask.reshape(-1).to(router_logits[0].device).bool()
+    return tuple(logits[valid] for logits in router_logits)
+
+
+__all__ = ["ReMoEForCausalLM", "ReMoEModel", "ReMoEPreTrainedModel"]

@@ -1,0 +1,68 @@
+"""The `remoe` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from remoe.configuration import available_presets
+
+
+def _train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="pretrain a ReMoE / TopK / dense model (default: the tiny preset on the embedded corpus)",
+        description="Train with transformers.Trainer. Flags override the preset or --config file.",
+    )
+    parser.add_argument("--config", help="YAML file with model/data/training sections (instead of --preset)")
+    parser.add_argument("--preset", default="tiny", help=f"packaged preset: {', '.join(available_presets())}")
+    parser.add_argument(
+        "--output_dir", help="where checkpoints, metrics.json and plots go (default outputs/PRESET-ROUTER)"
+    )
+    parser.add_argument("--router_type", choices=("relu", "topk", "dense"))
+    parser.add_argument("--num_experts", type=int, help="experts per MoE layer (E)")
+    parser.add_argument("--num_experts_per_tok", type=int, help="k: TopK's experts per token, ReMoE's target k")
+    parser.add_argument("--granularity", type=int, help="fine-grained experts G (E*G experts of size I/G)")
+    parser.add_argument("--load_balance", choices=("refined_l1", "l1"))
+    parser.add_argument("--l1_coef_init", type=float, help="lambda_0 of the controller")
+    parser.add_argument("--l1_coef_multiplier", type=float, help="alpha of the controller (> 1)")
+    parser.add_argument("--max_steps", type=int)
+    parser.add_argument("--per_device_train_batch_size", type=int)
+    parser.add_argument("--gradient_accumulation_steps", type=int)
+    parser.add_argument("--learning_rate", type=float)
+    parser.add_argument("--logging_steps", type=int)
+    parser.add_argument("--save_steps", type=int)
+    parser.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--dataset", help="'builtin' (embedded corpus), a local file/folder, or a Hub dataset name")
+    parser.add_argument("--text_column", help="text column of --dataset (default: text)")
+    parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: BPE trained on the corpus)")
+    parser.add_argument("--vocab_size", type=int, help="vocabulary of the trained tokenizer")
+    parser.add_argument("--block_size", type=int, help="tokens per training sequence")
+    parser.add_argument("--max_eval_blocks", type=int, help="validation blocks per domain for the final evaluation")
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        nargs="?",
+        const=True,
+        help="a checkpoint folder, or no value for the latest checkpoint in --output_dir",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="remoe", description="ReLU-routed Mixture-of-Experts for Transformers")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _train_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from .train import train
+
+            train(vars(args))
+    except ValueError as error:
+        print(f"remoe {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

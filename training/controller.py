@@ -1,0 +1,54 @@
+"""Trainer callback that closes every optimizer step of the ReMoE L1 controller and logs the router's behaviour."""
+
+from __future__ import annotations
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+class ReMoEControllerCallback(TrainerCallback):
+    """Updates lambda exactly once per optimizer step (after gradient accumulation) and logs `remoe/*` metrics.
+
+    The sparsity of a step is reduced over every MoE layer, every micro-batch and every data-parallel rank.
+    Logged values are averaged over the steps since the previous log, except `remoe/l1_coef` (the current lambda).
+    `history` keeps one entry per optimizer step: `{"step", "remoe/sparsity", "remoe/l1_coef", ...}`.
+    """
+
+    def __init__(self, process_group=None):
+        self.process_group = process_group
+        self.history: list[dict[str, float]] = []
+        self._pending: list[dict[str, float]] = []
+        self.start_step = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        self.start_step = state.global_step  # > 0 when resuming from a checkpoint
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if model is None or not hasattr(_unwrap(model), "update_l1_coef"):
+            return
+        metrics = _unwrap(model).update_l1_coef(self.process_group)
+        if metrics:
+            self._pending.append(metrics)
+            self.history.append({"step": state.global_step, **metrics})
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
+        if not self._pending or logs is None or "loss" not in logs:
+            return
+        averaged = {key: sum(m[key] for m in self._pending) / len(self._pending) for key in self._pending[-1]}
+        averaged["remoe/l1_coef"] = self._pending[-1]["remoe/l1_coef"]
+        self._pending.clear()
+        logs.update(averaged)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(averaged)
+
+
+def add_controller_callback(trainer: Trainer, process_group=None) -> ReMoEControllerCallback:
+    """Attach the controller callback ahead of the reporting callbacks so TensorBoard/W&B see its metrics."""
+    callback = ReMoEControllerCallback(process_group)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback

@@ -1,0 +1,175 @@
+"""`remoe train`: pretrain a ReMoE / TopK / dense model with `transformers.Trainer` from a preset and overrides."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from remoe import ReMoEConfig, ReMoEForCausalLM
+from remoe.configuration import load_preset
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .controller import add_controller_callback
+from .data import load_or_train_tokenizer, load_text_dataset, packed_splits
+from .plots import plot_training_curves
+from .routing import parameter_counts, routing_sparsity
+
+# CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
+MODEL_FLAGS = (
+    "router_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "granularity",
+    "l1_coef_init",
+    "l1_coef_multiplier",
+    "load_balance",
+)
+DATA_FLAGS = ("dataset", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
+TRAINING_FLAGS = (
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "logging_steps",
+    "save_steps",
+    "seed",
+    "bf16",
+)
+
+
+def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
+    """Merge the preset (or `--config` file) with the command-line overrides and check the result."""
+    run = load_preset(options.get("config") or options.get("preset") or "tiny")
+    for section, names in (("model", MODEL_FLAGS), ("data", DATA_FLAGS), ("training", TRAINING_FLAGS)):
+        run[section].update({name: options[name] for name in names if options.get(name) is not None})
+    run["data"].setdefault("dataset", "builtin")
+    run["data"].setdefault("vocab_size", 8192)
+    run["data"].setdefault("max_eval_blocks", 64)
+    if run["data"].get("block_size", 0) < 2:
+        raise ValueError(f"data.block_size must be >= 2, got {run['data'].get('block_size')}")
+    if run["training"].get("max_steps", 0) < 1:
+        raise ValueError(f"training.max_steps must be >= 1, got {run['training'].get('max_steps')}")
+    ReMoEConfig(**run["model"])  # validates the model section before any data work
+    return run
+
+
+def _eval_sets(validation, max_blocks: int) -> dict:
+    """The validation blocks as a whole and per domain, each capped at `max_blocks` blocks."""
+    sets = {"all": validation.shuffle(seed=0).select(range(min(max_blocks, len(validation))))}
+    for domain in sorted(set(validation["domain"])):
+        subset = validation.filter(lambda row, d=domain: row["domain"] == d)
+        sets[domain] = subset.select(range(min(max_blocks, len(subset))))
+    return sets
+
+
+def train(options: dict[str, Any]) -> dict[str, Any]:
+    """Run one training job and return the metrics written to `metrics.json`."""
+    run = resolve_run(options)
+    model_cfg, data_cfg, training_cfg = run["model"], run["data"], dict(run["training"])
+    seed = int(training_cfg.pop("seed", options.get("seed") or 42))
+    output_dir = Path(
+        options.get("output_dir") or f"outputs/{options.get('preset') or 'tiny'}-{model_cfg['router_type']}"
+    )
+    set_seed(seed)
+
+    corpus = load_text_dataset(data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed)
+    if data_cfg.get("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(data_cfg["tokenizer"])
+    else:
+        tokenizer = load_or_train_tokenizer(corpus, vocab_size=data_cfg["vocab_size"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    packed = packed_splits(corpus, tokenizer, data_cfg["block_size"])
+
+    config = ReMoEConfig(
+        **model_cfg,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = ReMoEForCausalLM(config)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        seed=seed,
+        data_seed=seed,
+        report_to=["tensorboard"],
+        save_strategy="steps",
+        eval_strategy="no",
+        dataloader_drop_last=True,
+        **training_cfg,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=packed["train"],
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
+    )
+    controller = add_controller_callback(trainer)
+
+    start = time.perf_counter()
+    train_output = trainer.train(resume_from_checkpoint=options.get("resume_from_checkpoint"))
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(str(output_dir))
+
+    metrics = _final_metrics(trainer, model, packed["validation"], data_cfg, controller.history)
+    tokens = (train_output.global_step - controller.start_step) * _tokens_per_step(args, data_cfg)
+    metrics.update(
+        seed=seed,
+        train_steps=train_output.global_step,
+        train_loss=train_output.training_loss,
+        train_seconds=round(train_seconds, 2),
+        tokens_per_second=round(tokens / train_seconds, 1),
+        **parameter_counts(model),
+    )
+    if trainer.is_world_process_zero():
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
+        _print_summary(metrics, output_dir)
+    return metrics
+
+
+def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
+    return (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * data_cfg["block_size"]
+    )
+
+
+def _final_metrics(trainer, model, validation, data_cfg: dict, history: list[dict]) -> dict[str, Any]:
+    config = model.config
+    eval_sets = _eval_sets(validation, data_cfg["max_eval_blocks"])
+    results = trainer.evaluate(eval_dataset=eval_sets)
+    metrics: dict[str, Any] = {"router_type": config.router_type}
+    for name in eval_sets:
+        loss = results[f"eval_{name}_loss"]
+        key = "validation" if name == "all" else f"validation_{name}"
+        metrics[f"{key}_loss"] = loss
+        metrics[f"{key}_perplexity"] = math.exp(loss)
+    if config.router_type != "dense":
+        batch_size = trainer.args.per_device_eval_batch_size
+        metrics.update(routing_sparsity(model, eval_sets["all"]["input_ids"], batch_size=batch_size))
+        tail = history[-max(1, len(history) // 10) :]
+        if tail:
+            metrics["train_sparsity_final"] = sum(h["remoe/sparsity"] for h in tail) / len(tail)
+        metrics["target_sparsity"] = config.target_sparsity if config.router_type == "relu" else None
+    if config.router_type == "relu":
+        metrics["l1_coef"] = model.l1_coef
+    return metrics
+
+
+def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    width = max(len(key) for key in metrics)
+    print(f"\nremoe train finished: checkpoint, metrics.json and training_curves.png in {output_dir}")
+    for key, value in metrics.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else value
+        print(f"  {key:<{width}}  {shown}")
