@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
 from remoe import ReMoEForCausalLM
 from remoe.modeling_remoe import ReMoEL1Controller
 from remoe.training import ReMoEControllerCallback, add_controller_callback
-from transformers import Trainer, TrainingArguments
 
 from .conftest import tiny_config
 

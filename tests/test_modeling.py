@@ -4,13 +4,14 @@ import sys
 import textwrap
 
 import pytest
-import remoe
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModel, AutoModelForCausalLM
+
+import remoe
 from remoe import ReMoEForCausalLM, ReMoEModel
 from remoe.kernels import dense_reference_moe_mlp
 from remoe.modeling_remoe import ReMoEMLP, ReMoESparseMoeBlock
-from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM
 
 IMPLEMENTATIONS = ("eager", "grouped_mm")
 

@@ -8,7 +8,7 @@ import sys
 from remoe.configuration import available_presets
 
 
-def _train_parser(subparsers) -> None:
+def add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="pretrain a ReMoE / TopK / dense model (default: the tiny preset on the embedded corpus)",
@@ -18,6 +18,9 @@ def _train_parser(subparsers) -> None:
     parser.add_argument("--preset", default="tiny", help=f"packaged preset: {', '.join(available_presets())}")
     parser.add_argument(
         "--output_dir", help="where checkpoints, metrics.json and plots go (default outputs/PRESET-ROUTER)"
+    )
+    parser.add_argument(
+        "--model_name_or_path", help="continue from a ReMoE checkpoint (its architecture and tokenizer) instead of a preset"
     )
     parser.add_argument("--router_type", choices=("relu", "topk", "dense"))
     parser.add_argument("--num_experts", type=int, help="experts per MoE layer (E)")
@@ -35,6 +38,8 @@ def _train_parser(subparsers) -> None:
     parser.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dataset", help="'builtin' (embedded corpus), a local file/folder, or a Hub dataset name")
+    parser.add_argument("--domains", nargs="+", help="train and evaluate on these domains only (e.g. code math)")
+    parser.add_argument("--freeze_experts", action="store_true", help="train everything but the expert FFNs")
     parser.add_argument("--text_column", help="text column of --dataset (default: text)")
     parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: BPE trained on the corpus)")
     parser.add_argument("--vocab_size", type=int, help="vocabulary of the trained tokenizer")
@@ -46,18 +51,29 @@ def _train_parser(subparsers) -> None:
         const=True,
         help="a checkpoint folder, or no value for the latest checkpoint in --output_dir",
     )
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .train import train
+
+    options = vars(args).copy()
+    options.pop("run")
+    train(options)
+
+
+# Each subcommand module exposes `add_<name>_parser(subparsers)`, which sets `run=callable(args)` as default.
+SUBCOMMANDS = (add_train_parser,)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="remoe", description="ReLU-routed Mixture-of-Experts for Transformers")
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _train_parser(subparsers)
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
     args = parser.parse_args(argv)
     try:
-        if args.command == "train":
-            from .train import train
-
-            train(vars(args))
+        args.run(args)
     except ValueError as error:
         print(f"remoe {args.command}: error: {error}", file=sys.stderr)
         return 2

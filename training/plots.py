@@ -41,7 +41,8 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
     axes[0].plot(steps, [entry["loss"] for entry in rows], color="#1f77b4")
     axes[0].set_ylabel("training loss")
     axes[0].set_title(
-        f"{config.router_type} router, E={config.num_experts}, k={config.num_experts_per_tok}, G={config.granularity}"
+        f"{config.router_type} router, E={config.num_experts}, k={config.num_experts_per_tok}, G={config.granularity}",
+        pad=16,
     )
     if routed:
         route_steps = [entry["step"] for entry in routed]

@@ -8,8 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from remoe import ReMoEConfig, ReMoEForCausalLM
-from remoe.configuration import load_preset
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -17,6 +15,9 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+
+from remoe import ReMoEConfig, ReMoEForCausalLM
+from remoe.configuration import load_preset
 
 from .controller import add_controller_callback
 from .data import load_or_train_tokenizer, load_text_dataset, packed_splits
@@ -33,7 +34,9 @@ MODEL_FLAGS = (
     "l1_coef_multiplier",
     "load_balance",
 )
-DATA_FLAGS = ("dataset", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
+DATA_FLAGS = ("dataset", "domains", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
+# Model fields that may change when training continues from a checkpoint (`--model_name_or_path`).
+CONTINUATION_FLAGS = ("l1_coef_init", "l1_coef_multiplier", "load_balance", "router_aux_loss_coef")
 TRAINING_FLAGS = (
     "max_steps",
     "per_device_train_batch_size",
@@ -58,8 +61,51 @@ def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
         raise ValueError(f"data.block_size must be >= 2, got {run['data'].get('block_size')}")
     if run["training"].get("max_steps", 0) < 1:
         raise ValueError(f"training.max_steps must be >= 1, got {run['training'].get('max_steps')}")
-    ReMoEConfig(**run["model"])  # validates the model section before any data work
+    if options.get("model_name_or_path"):
+        changed = [name for name in MODEL_FLAGS if options.get(name) is not None and name not in CONTINUATION_FLAGS]
+        if changed:
+            raise ValueError(
+                f"--model_name_or_path keeps the checkpoint's architecture; {', '.join(changed)} cannot be changed "
+                f"(allowed: {', '.join(CONTINUATION_FLAGS)})"
+            )
+        config = ReMoEConfig.from_pretrained(options["model_name_or_path"])  # fails early on a bad folder
+        run["model"] = {name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None}
+        run["model"]["router_type"] = config.router_type
+    else:
+        ReMoEConfig(**run["model"])  # validates the model section before any data work
     return run
+
+
+def _select_domains(corpus, domains: list[str] | None):
+    """Keep only the rows of `domains` (every split), with a clear error for a domain the data does not have."""
+    if not domains:
+        return corpus
+    available = sorted(set(corpus["train"]["domain"]))
+    unknown = sorted(set(domains) - set(available))
+    if unknown:
+        raise ValueError(f"--domains {unknown} not in the dataset; available: {available}")
+    return corpus.filter(lambda row: row["domain"] in domains)
+
+
+def build_model(options: dict[str, Any], model_cfg: dict, tokenizer) -> ReMoEForCausalLM:
+    """A fresh model from the preset, or the checkpoint of `--model_name_or_path` with controller overrides."""
+    if options.get("model_name_or_path"):
+        overrides = {key: value for key, value in model_cfg.items() if key != "router_type"}
+        model = ReMoEForCausalLM.from_pretrained(options["model_name_or_path"], **overrides)
+    else:
+        config = ReMoEConfig(
+            **model_cfg,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = ReMoEForCausalLM(config)
+    if options.get("freeze_experts"):
+        for name, parameter in model.named_parameters():
+            if ".mlp.experts." in name:
+                parameter.requires_grad_(False)
+    return model
 
 
 def _eval_sets(validation, max_blocks: int) -> dict:
@@ -82,22 +128,18 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     set_seed(seed)
 
     corpus = load_text_dataset(data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed)
-    if data_cfg.get("tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(data_cfg["tokenizer"])
+    corpus = _select_domains(corpus, data_cfg.get("domains"))
+    tokenizer_source = data_cfg.get("tokenizer") or options.get("model_name_or_path")
+    if tokenizer_source:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     else:
         tokenizer = load_or_train_tokenizer(corpus, vocab_size=data_cfg["vocab_size"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     packed = packed_splits(corpus, tokenizer, data_cfg["block_size"])
 
-    config = ReMoEConfig(
-        **model_cfg,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = ReMoEForCausalLM(config)
+    model = build_model(options, model_cfg, tokenizer)
+    config = model.config
     args = TrainingArguments(
         output_dir=str(output_dir),
         seed=seed,

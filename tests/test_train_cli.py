@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import remoe  # noqa: F401  (registers the Auto classes)
+from remoe.training.cli import main
+
+SMALL_RUN = {
+    "model": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "num_experts": 4,
+        "num_experts_per_tok": 1,
+        "router_type": "relu",
+        "l1_coef_init": 1e-4,
+    },
+    "data": {"dataset": "builtin", "vocab_size": 384, "block_size": 32, "max_eval_blocks": 4},
+    "training": {
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 2,
+        "save_steps": 3,
+        "disable_tqdm": True,
+        "use_cpu": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def run_config(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("config")
+    path = folder / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL_RUN))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _shared_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("REMOE_CACHE", str(tmp_path_factory.getbasetemp() / "remoe-cache"))
+
+
+@pytest.mark.parametrize("router_type", ["relu", "topk", "dense"])
+def test_train_writes_a_loadable_checkpoint_with_metrics_and_curves(run_config, tmp_path, router_type):
+    output = tmp_path / "run"
+    assert main(["train", "--config", str(run_config), "--router_type", router_type, "--output_dir", str(output)]) == 0
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["train_steps"] == 6 and metrics["router_type"] == router_type
+    for domain in ("code", "docs", "math"):
+        assert metrics[f"validation_{domain}_loss"] > 0
+        assert metrics[f"validation_{domain}_perplexity"] == pytest.approx(
+            torch.tensor(metrics[f"validation_{domain}_loss"]).exp().item(), rel=1e-6
+        )
+    assert metrics["tokens_per_second"] > 0 and metrics["active_parameters"] <= metrics["total_parameters"]
+    if router_type == "relu":
+        assert 0 <= metrics["validation_sparsity"] <= 1 and metrics["target_sparsity"] == 0.75
+        assert metrics["l1_coef"] > 0
+    assert (output / "training_curves.png").stat().st_size > 10_000
+    assert list((output / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+    assert {p.name for p in output.glob("checkpoint-*")} == {"checkpoint-3", "checkpoint-6"}
+
+    model = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert model.config.router_type == router_type and model.config.vocab_size == len(tokenizer)
+    ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 4
+
+
+def test_resume_continues_from_the_checkpoint_with_the_same_lambda(run_config, tmp_path):
+    output = tmp_path / "run"
+    assert main(["train", "--config", str(run_config), "--output_dir", str(output), "--max_steps", "6"]) == 0
+    full = AutoModelForCausalLM.from_pretrained(output)
+    at_3 = AutoModelForCausalLM.from_pretrained(output / "checkpoint-3")
+
+    resumed_output = tmp_path / "resumed"
+    resumed_output.mkdir()
+    (output / "checkpoint-3").rename(resumed_output / "checkpoint-3")
+    args = ["train", "--config", str(run_config), "--output_dir", str(resumed_output), "--resume_from_checkpoint"]
+    assert main(args) == 0
+    resumed = AutoModelForCausalLM.from_pretrained(resumed_output)
+    assert at_3.l1_coef != full.l1_coef
+    assert resumed.l1_coef == full.l1_coef
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--num_experts", "4", "--num_experts_per_tok", "5"], "num_experts_per_tok"),
+        (["--granularity", "3"], "granularity"),
+        (["--l1_coef_multiplier", "0.9"], "l1_coef_multiplier"),
+        (["--block_size", "1"], "block_size"),
+        (["--preset", "huge"], "preset"),
+        (["--config", "missing.yaml"], "missing.yaml"),
+        (["--dataset", "/no/such/file.jsonl"], "file.jsonl"),
+    ],
+)
+def test_bad_input_fails_before_training_with_a_clear_message(run_config, tmp_path, capsys, flags, message):
+    base = [] if "--preset" in flags or "--config" in flags else ["--config", str(run_config)]
+    output = tmp_path / "run"
+    assert main(["train", *base, *flags, "--output_dir", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_continue_from_a_checkpoint_on_some_domains_with_frozen_experts(run_config, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["train", "--config", str(run_config), "--output_dir", str(base), "--max_steps", "2"]) == 0
+    tuned = tmp_path / "tuned"
+    args = ["train", "--config", str(run_config), "--model_name_or_path", str(base), "--output_dir", str(tuned)]
+    assert main([*args, "--domains", "math", "--freeze_experts", "--max_steps", "2", "--l1_coef_multiplier", "1.5"]) == 0
+
+    metrics = json.loads((tuned / "metrics.json").read_text())
+    assert "validation_math_loss" in metrics and "validation_code_loss" not in metrics
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tuned)
+    assert after.config.l1_coef_multiplier == 1.5
+    for name, tensor in after.state_dict().items():
+        if ".mlp.experts." in name:
+            assert torch.equal(tensor, before[name]), name
+    assert not torch.equal(after.state_dict()["lm_head.weight"], before["lm_head.weight"])
+
+    assert main([*args, "--num_experts", "8"]) == 2
+    assert "num_experts" in capsys.readouterr().err
+    assert main(["train", "--config", str(run_config), "--domains", "poetry", "--output_dir", str(tmp_path / "x")]) == 2
+    assert "poetry" in capsys.readouterr().err
