@@ -1,6 +1,7 @@
 import pytest
-import remoe
 import torch
+
+import remoe
 
 
 def tiny_config(**overrides) -> remoe.ReMoEConfig:
