@@ -29,3 +29,9 @@ def make_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _shared_corpus_cache(monkeypatch, tmp_path_factory):
+    """One embedded-corpus cache for the whole session (tests that need their own set REMOE_CACHE themselves)."""
+    monkeypatch.setenv("REMOE_CACHE", str(tmp_path_factory.getbasetemp() / "remoe-cache"))

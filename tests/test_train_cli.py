@@ -43,11 +43,6 @@ def run_config(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _shared_cache(monkeypatch, tmp_path_factory):
-    monkeypatch.setenv("REMOE_CACHE", str(tmp_path_factory.getbasetemp() / "remoe-cache"))
-
-
 @pytest.mark.parametrize("router_type", ["relu", "topk", "dense"])
 def test_train_writes_a_loadable_checkpoint_with_metrics_and_curves(run_config, tmp_path, router_type):
     output = tmp_path / "run"
@@ -119,7 +114,9 @@ def test_continue_from_a_checkpoint_on_some_domains_with_frozen_experts(run_conf
     assert main(["train", "--config", str(run_config), "--output_dir", str(base), "--max_steps", "2"]) == 0
     tuned = tmp_path / "tuned"
     args = ["train", "--config", str(run_config), "--model_name_or_path", str(base), "--output_dir", str(tuned)]
-    assert main([*args, "--domains", "math", "--freeze_experts", "--max_steps", "2", "--l1_coef_multiplier", "1.5"]) == 0
+    assert (
+        main([*args, "--domains", "math", "--freeze_experts", "--max_steps", "2", "--l1_coef_multiplier", "1.5"]) == 0
+    )
 
     metrics = json.loads((tuned / "metrics.json").read_text())
     assert "validation_math_loss" in metrics and "validation_code_loss" not in metrics
@@ -135,3 +132,23 @@ def test_continue_from_a_checkpoint_on_some_domains_with_frozen_experts(run_conf
     assert "num_experts" in capsys.readouterr().err
     assert main(["train", "--config", str(run_config), "--domains", "poetry", "--output_dir", str(tmp_path / "x")]) == 2
     assert "poetry" in capsys.readouterr().err
+
+
+def test_compare_tabulates_mean_and_spread_over_seeds(run_config, tmp_path):
+    output = tmp_path / "compare"
+    args = ["compare", "--config", str(run_config), "--router_types", "dense", "relu", "--num_experts", "2", "4"]
+    assert main([*args, "--seeds", "0", "1", "--max_steps", "2", "--output_dir", str(output)]) == 0
+    summary = json.loads((output / "compare.json").read_text())
+    rows = {(row["router_type"], row["num_experts"]): row for row in summary["runs"]}
+    assert set(rows) == {("dense", None), ("relu", 2), ("relu", 4)}
+    losses = [json.loads((output / f"relu-E4-seed{s}" / "metrics.json").read_text())["validation_loss"] for s in (0, 1)]
+    assert rows[("relu", 4)]["validation_loss"]["mean"] == pytest.approx(sum(losses) / 2)
+    assert rows[("relu", 4)]["validation_loss"]["std"] == pytest.approx(abs(losses[0] - losses[1]) / 2**0.5)
+    router_parameters = 2 * 2 * 32  # layers x experts x hidden: the only active parameters dense does not have
+    assert rows[("relu", 2)]["active_parameters"] - rows[("dense", None)]["active_parameters"] == router_parameters
+    for name in ("compare.md", "compare_curves.png", "expert_scaling.png"):
+        assert (output / name).stat().st_size > 100
+
+    stamp = (output / "relu-E4-seed0" / "metrics.json").stat().st_mtime
+    assert main([*args, "--seeds", "0", "1", "--max_steps", "2", "--output_dir", str(output)]) == 0
+    assert (output / "relu-E4-seed0" / "metrics.json").stat().st_mtime == stamp  # finished runs are reused

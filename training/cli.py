@@ -7,6 +7,9 @@ import sys
 
 from remoe.configuration import available_presets
 
+from .analysis import add_analyze_parser
+from .compare import add_compare_parser
+
 
 def add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -20,7 +23,8 @@ def add_train_parser(subparsers) -> None:
         "--output_dir", help="where checkpoints, metrics.json and plots go (default outputs/PRESET-ROUTER)"
     )
     parser.add_argument(
-        "--model_name_or_path", help="continue from a ReMoE checkpoint (its architecture and tokenizer) instead of a preset"
+        "--model_name_or_path",
+        help="continue from a ReMoE checkpoint (its architecture and tokenizer) instead of a preset",
     )
     parser.add_argument("--router_type", choices=("relu", "topk", "dense"))
     parser.add_argument("--num_experts", type=int, help="experts per MoE layer (E)")
@@ -63,7 +67,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 # Each subcommand module exposes `add_<name>_parser(subparsers)`, which sets `run=callable(args)` as default.
-SUBCOMMANDS = (add_train_parser,)
+SUBCOMMANDS = (add_train_parser, add_compare_parser, add_analyze_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from typing import Any
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -21,6 +20,7 @@ from remoe.configuration import load_preset
 
 from .controller import add_controller_callback
 from .data import load_or_train_tokenizer, load_text_dataset, packed_splits
+from .distributed import build_trainer, resolve_parallel_options, streaming_packed_splits
 from .plots import plot_training_curves
 from .routing import parameter_counts, routing_sparsity
 
@@ -120,6 +120,7 @@ def _eval_sets(validation, max_blocks: int) -> dict:
 def train(options: dict[str, Any]) -> dict[str, Any]:
     """Run one training job and return the metrics written to `metrics.json`."""
     run = resolve_run(options)
+    parallel = resolve_parallel_options(options, run)  # DeepSpeed config and expert-parallel layout, checked here
     model_cfg, data_cfg, training_cfg = run["model"], run["data"], dict(run["training"])
     seed = int(training_cfg.pop("seed", options.get("seed") or 42))
     output_dir = Path(
@@ -127,19 +128,28 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     )
     set_seed(seed)
 
-    corpus = load_text_dataset(data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed)
-    corpus = _select_domains(corpus, data_cfg.get("domains"))
+    streaming = bool(options.get("streaming"))
     tokenizer_source = data_cfg.get("tokenizer") or options.get("model_name_or_path")
+    if streaming and (not tokenizer_source or data_cfg.get("domains")):
+        raise ValueError("--streaming needs --tokenizer (or --model_name_or_path) and does not take --domains")
+    corpus = load_text_dataset(
+        data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed, streaming=streaming
+    )
+    corpus = _select_domains(corpus, data_cfg.get("domains"))
     if tokenizer_source:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     else:
         tokenizer = load_or_train_tokenizer(corpus, vocab_size=data_cfg["vocab_size"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    packed = packed_splits(corpus, tokenizer, data_cfg["block_size"])
+    if streaming:
+        packed = streaming_packed_splits(corpus, tokenizer, data_cfg["block_size"], data_cfg["max_eval_blocks"], seed)
+    else:
+        packed = packed_splits(corpus, tokenizer, data_cfg["block_size"], num_proc=options.get("num_proc"))
 
     model = build_model(options, model_cfg, tokenizer)
     config = model.config
+    counts = parameter_counts(model)  # before expert parallelism leaves each rank a share of the experts
     args = TrainingArguments(
         output_dir=str(output_dir),
         seed=seed,
@@ -148,11 +158,13 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         save_strategy="steps",
         eval_strategy="no",
         dataloader_drop_last=True,
+        deepspeed=parallel["deepspeed"],
         **training_cfg,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
+    trainer = build_trainer(
+        model,
+        args,
+        expert_parallel_size=parallel["expert_parallel_size"],
         train_dataset=packed["train"],
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,
@@ -172,10 +184,11 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         train_loss=train_output.training_loss,
         train_seconds=round(train_seconds, 2),
         tokens_per_second=round(tokens / train_seconds, 1),
-        **parameter_counts(model),
+        **counts,
     )
     if trainer.is_world_process_zero():
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history) + "\n")
         plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
         _print_summary(metrics, output_dir)
     return metrics

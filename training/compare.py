@@ -1,0 +1,186 @@
+"""`remoe compare`: dense, TopK and ReMoE with the same active parameters on the same tokens, over several seeds."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from .train import train
+
+ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
+
+
+def _run_name(router_type: str, num_experts: int, seed: int) -> str:
+    return f"dense-seed{seed}" if router_type == "dense" else f"{router_type}-E{num_experts}-seed{seed}"
+
+
+def compare(
+    preset: str = "tiny",
+    router_types: tuple[str, ...] = ("dense", "topk", "relu"),
+    num_experts: tuple[int, ...] = (8,),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    output_dir: str = "outputs/compare",
+    train_options: dict | None = None,
+) -> dict:
+    """Train every (router type, E, seed) once (runs with a `metrics.json` are reused) and tabulate the results."""
+    if not seeds or not router_types or not num_experts:
+        raise ValueError("--seeds, --router_types and --num_experts each need at least one value")
+    unknown = sorted(set(router_types) - set(ROUTER_COLORS))
+    if unknown:
+        raise ValueError(f"--router_types must be among {sorted(ROUTER_COLORS)}, got {unknown}")
+    output = Path(output_dir)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for router_type in router_types:
+        for experts in num_experts if router_type != "dense" else num_experts[:1]:
+            for seed in seeds:
+                run_dir = output / _run_name(router_type, experts, seed)
+                if not (run_dir / "metrics.json").exists():
+                    options = {**(train_options or {}), "preset": preset, "router_type": router_type, "seed": seed}
+                    options.update(num_experts=experts, output_dir=str(run_dir))
+                    train(options)
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                metrics["log_history"] = json.loads((run_dir / "log_history.json").read_text())
+                runs.setdefault((router_type, experts), []).append(metrics)
+    summary = _summarize(runs)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = _markdown_table(summary)
+    (output / "compare.md").write_text(table + "\n")
+    _plot_curves(runs, output / "compare_curves.png")
+    if len(num_experts) > 1:
+        _plot_scaling(summary, output / "expert_scaling.png")
+    print(table)
+    return summary
+
+
+def _mean_spread(values: list[float]) -> dict[str, float]:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values)}
+
+
+def _summarize(runs: dict[tuple[str, int], list[dict]]) -> dict:
+    rows = []
+    for (router_type, experts), metrics in runs.items():
+        row = {"router_type": router_type, "num_experts": None if router_type == "dense" else experts}
+        row["seeds"] = [m["seed"] for m in metrics]
+        row["active_parameters"] = metrics[0]["active_parameters"]
+        row["total_parameters"] = metrics[0]["total_parameters"]
+        for key in ("validation_loss", "validation_code_loss", "validation_docs_loss", "validation_math_loss"):
+            if all(key in m for m in metrics):
+                row[key] = _mean_spread([m[key] for m in metrics])
+        if router_type != "dense":
+            row["validation_sparsity"] = _mean_spread([m["validation_sparsity"] for m in metrics])
+        row["tokens_per_second"] = _mean_spread([m["tokens_per_second"] for m in metrics])
+        rows.append(row)
+    return {"runs": rows}
+
+
+def _markdown_table(summary: dict) -> str:
+    lines = [
+        "| model | E | active / total params | validation loss (mean ± std) | code | docs | math | sparsity | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary["runs"]:
+        loss = row["validation_loss"]
+        sparsity = f"{row['validation_sparsity']['mean']:.3f}" if "validation_sparsity" in row else "-"
+        domains = [
+            f"{row[f'validation_{d}_loss']['mean']:.3f}" if f"validation_{d}_loss" in row else "-"
+            for d in ("code", "docs", "math")
+        ]
+        lines.append(
+            f"| {row['router_type']} | {row['num_experts'] or '-'} | "
+            f"{row['active_parameters'] / 1e6:.2f}M / {row['total_parameters'] / 1e6:.2f}M | "
+            f"{loss['mean']:.4f} ± {loss['std']:.4f} (n={len(row['seeds'])}) | {' | '.join(domains)} | {sparsity} | "
+            f"{row['tokens_per_second']['mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_curves(runs: dict[tuple[str, int], list[dict]], path: Path) -> None:
+    fig, (loss_axis, sparsity_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for (router_type, experts), metrics in runs.items():
+        label = router_type if router_type == "dense" else f"{router_type} E={experts}"
+        color = ROUTER_COLORS[router_type]
+        for index, run in enumerate(metrics):
+            entries = [entry for entry in run["log_history"] if "loss" in entry]
+            steps = [entry["step"] for entry in entries]
+            loss_axis.plot(
+                steps, [e["loss"] for e in entries], color=color, alpha=0.6, label=label if index == 0 else None
+            )
+            routed = [entry for entry in entries if "remoe/sparsity" in entry]
+            if routed:
+                sparsity_axis.plot(
+                    [e["step"] for e in routed],
+                    [e["remoe/sparsity"] for e in routed],
+                    color=color,
+                    alpha=0.6,
+                    label=label if index == 0 else None,
+                )
+    loss_axis.set(ylabel="training loss", title="Dense vs TopK vs ReMoE (same active parameters and tokens)")
+    sparsity_axis.set(xlabel="optimizer step", ylabel="routing sparsity")
+    for axis in (loss_axis, sparsity_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_scaling(summary: dict, path: Path) -> None:
+    fig, axis = plt.subplots(figsize=(6, 3.5))
+    for router_type in ("topk", "relu"):
+        rows = sorted((r for r in summary["runs"] if r["router_type"] == router_type), key=lambda r: r["num_experts"])
+        if rows:
+            axis.errorbar(
+                [r["num_experts"] for r in rows],
+                [r["validation_loss"]["mean"] for r in rows],
+                yerr=[r["validation_loss"]["std"] for r in rows],
+                marker="o",
+                capsize=3,
+                color=ROUTER_COLORS[router_type],
+                label=router_type,
+            )
+    for row in summary["runs"]:
+        if row["router_type"] == "dense":
+            axis.axhline(row["validation_loss"]["mean"], color=ROUTER_COLORS["dense"], linestyle="--", label="dense")
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel="experts E", ylabel="validation loss", title="Expert-count scaling")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_compare_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compare", help="train dense / TopK / ReMoE with equal active parameters over several seeds and tabulate"
+    )
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--config", help="YAML run file instead of --preset")
+    parser.add_argument("--router_types", nargs="+", default=["dense", "topk", "relu"])
+    parser.add_argument("--num_experts", nargs="+", type=int, default=[8], help="several values: the scaling curve")
+    parser.add_argument("--num_experts_per_tok", type=int)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max_steps", type=int)
+    parser.add_argument("--output_dir", default="outputs/compare")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    options = {key: getattr(args, key) for key in ("config", "num_experts_per_tok", "max_steps")}
+    compare(
+        preset=args.preset,
+        router_types=tuple(args.router_types),
+        num_experts=tuple(args.num_experts),
+        seeds=tuple(args.seeds),
+        output_dir=args.output_dir,
+        train_options={key: value for key, value in options.items() if value is not None},
+    )
