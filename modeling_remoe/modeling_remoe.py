@@ -365,19 +365,19 @@ class ReMoEL1Controller(nn.Module):
         return metrics
 
 
+def _topk_expert_counts(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Tokens sent to each expert by top-k routing: (E,) float (histc avoids bincount's host sync on CUDA)."""
+    num_experts = router_logits.shape[-1]
+    top_indices = torch.topk(router_logits, top_k, dim=-1).indices
+    return torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
+
+
 def routing_statistics(router_logits: tuple[torch.Tensor, ...], router_type: str, top_k: int) -> torch.Tensor:
     """Tokens routed to each expert, per layer: (L, E)."""
-    counts = []
-    for logits in router_logits:
-        if router_type == "relu":
-            counts.append((logits > 0).sum(dim=0))
-        else:
-            top_indices = torch.topk(logits, top_k, dim=-1).indices
-            counts.append(
-                torch.zeros_like(logits[0]).scatter_add_(
-                    0, top_indices.flatten(), torch.ones_like(top_indices.flatten(), dtype=logits.dtype)
-                )
-            )
+    if router_type == "relu":
+        counts = [(logits > 0).sum(dim=0).float() for logits in router_logits]
+    else:
+        counts = [_topk_expert_counts(logits.detach(), top_k) for logits in router_logits]
     return torch.stack(counts).detach()
 
 
@@ -404,10 +404,7 @@ def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: i
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
         num_tokens, num_experts = probs.shape
-        top_indices = torch.topk(probs, top_k, dim=-1).indices
-        fraction = torch.zeros(num_experts, device=probs.device).scatter_add_(
-            0, top_indices.flatten(), torch.ones(top_indices.numel(), device=probs.device)
-        ) / (num_tokens * top_k)
+        fraction = _topk_expert_counts(logits.detach().float(), top_k) / (num_tokens * top_k)
         losses.append(num_experts * (fraction * probs.mean(dim=0)).sum())
     return torch.stack(losses).mean()
 

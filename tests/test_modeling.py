@@ -240,3 +240,17 @@ def test_remote_code_loads_without_the_remoe_package(make_config, tmp_path):
 def test_public_names():
     assert remoe.ReMoEConfig.model_type == "remoe"
     assert callable(remoe.kernels.sparse_moe_mlp)
+
+
+def test_regularisers_match_hand_computed_values():
+    from remoe.modeling_remoe import l1_regularization_loss, switch_load_balancing_loss
+
+    logits = (torch.tensor([[1.0, -1.0], [2.0, 3.0]]),)
+    # refined: f = E/(kT) * active counts = 1 * [2, 1]; gate sums [3, 3]; (2*3 + 1*3) / T
+    assert l1_regularization_loss(logits, 1, "refined_l1").item() == pytest.approx(4.5)
+    assert l1_regularization_loss(logits, 1, "l1").item() == pytest.approx(3.0)
+    uniform = (torch.zeros(6, 4),)  # every expert equally likely: the balanced optimum is 1 for any k
+    assert switch_load_balancing_loss(uniform, 1).item() == pytest.approx(1.0)
+    assert switch_load_balancing_loss(uniform, 2).item() == pytest.approx(1.0)
+    skewed = (torch.tensor([[5.0, 0.0, 0.0, 0.0]] * 6),)
+    assert switch_load_balancing_loss(skewed, 1).item() > 3.0
