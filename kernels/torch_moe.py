@@ -86,13 +86,15 @@ def looped_sparse_moe_mlp(
     """Sparse expert MLP as a loop over the experts that received tokens (the reference path)."""
     plan = build_dispatch_plan(gates)
     output = torch.zeros_like(hidden_states)
+    # One unbind instead of E indexing ops: their backward would allocate a full-size weight gradient per expert.
+    gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
     start = 0
     for expert, end in enumerate(plan.offsets.tolist()):
         if end == start:
             continue
         token_idx = plan.token_idx[start:end]
-        gate_up = F.linear(hidden_states[token_idx], gate_up_proj[expert])
-        expert_out = F.linear(_swiglu(gate_up), down_proj[expert])
+        gate_up = F.linear(hidden_states[token_idx], gate_up_weights[expert])
+        expert_out = F.linear(_swiglu(gate_up), down_weights[expert])
         weighted = expert_out * plan.weights[start:end].to(expert_out.dtype)[:, None]
         output.index_add_(0, token_idx, weighted.to(output.dtype))
         start = end

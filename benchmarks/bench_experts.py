@@ -1,0 +1,333 @@
+"""Speed and memory of the sparse expert MLP implementations on the paper's shapes.
+
+For each shape (H=768, I=3072/G, E*G experts of granularity G, T tokens) it times the forward (with gradients
+enabled, as in training) and the forward+backward of `remoe.kernels.sparse_moe_mlp` for every implementation, and of
+a dense single GEMM with the same FLOPs, `(P, H) @ (H, 3I)` for P routed pairs: the practical ceiling. Gates are
+ReLU-like, with a mean of k*G active experts per token (k=1) and a realistic spread (per-token and per-expert
+offsets, some tokens with no expert), plus a TopK k=2 case (softmax, top-2, no renormalisation).
+
+    python benchmarks/bench_experts.py                      # CUDA when available: all implementations, all shapes
+    python benchmarks/bench_experts.py --device cpu         # torch paths, reduced shape set (implies --quick)
+    python benchmarks/bench_experts.py --output results.json
+
+Prints a table and writes JSON (default `benchmarks/results/bench_experts_<device>.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from remoe.kernels import IMPLEMENTATIONS, sparse_moe_mlp
+
+HIDDEN, FFN = 768, 3072
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    experts: int  # before granularity: the layer has experts * granularity experts of size ffn / granularity
+    granularity: int
+    routing: str  # "relu" (mean k=1 expert per token, times G) or "topk2"
+    hidden: int = HIDDEN
+    ffn: int = FFN
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts * self.granularity
+
+    @property
+    def intermediate(self) -> int:
+        return self.ffn // self.granularity
+
+    def label(self) -> str:
+        size = "" if (self.hidden, self.ffn) == (HIDDEN, FFN) else f" H={self.hidden} I={self.ffn}"
+        return f"T={self.tokens} E={self.experts} G={self.granularity} {self.routing}{size}"
+
+
+GOAL_SHAPE = Shape(16384, 8, 1, "relu")
+TINY_PRESET_SHAPE = Shape(2048, 8, 1, "relu", hidden=128, ffn=256)  # the `tiny` preset's MoE layer, batch 16 x 128
+
+
+def paper_shapes(quick: bool) -> list[Shape]:
+    if quick:
+        shapes = [Shape(512, 8, 1, "relu"), Shape(512, 8, 8, "relu"), Shape(512, 32, 1, "relu")]
+        return [*shapes, Shape(512, 8, 1, "topk2"), TINY_PRESET_SHAPE]
+    shapes = [Shape(tokens, 8, 1, "relu") for tokens in (4096, 16384, 32768)]
+    shapes += [Shape(16384, experts, granularity, "relu") for experts in (8, 32, 128) for granularity in (1, 8)]
+    shapes.append(Shape(16384, 8, 1, "topk2"))
+    return list(dict.fromkeys(shapes))
+
+
+def make_gates(shape: Shape, generator: torch.Generator) -> torch.Tensor:
+    """(T, E*G) non-negative gates; ReLU routing keeps the top 1/E share of all logits (mean G experts per token)."""
+    logits = torch.randn(shape.tokens, shape.num_experts, generator=generator)
+    if shape.routing == "topk2":
+        probs = logits.softmax(-1)
+        top = probs.topk(2, dim=-1)
+        return torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+    token_shift = 0.5 * torch.randn(shape.tokens, 1, generator=generator)
+    expert_shift = 0.3 * torch.randn(1, shape.num_experts, generator=generator)
+    logits = logits + token_shift + expert_shift
+    active = shape.tokens * shape.granularity
+    threshold = logits.flatten().kthvalue(logits.numel() - active + 1).values
+    return torch.relu(logits - threshold)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    experts, hidden, intermediate = shape.num_experts, shape.hidden, shape.intermediate
+    hidden_states = torch.randn(shape.tokens, hidden, generator=generator)
+    gate_up_proj = torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
+    down_proj = torch.randn(experts, hidden, intermediate, generator=generator) / intermediate**0.5
+    gates = make_gates(shape, generator)
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (hidden_states, gates, gate_up_proj, down_proj)]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, statistic: str) -> float:
+    """Median or minimum wall time of `fn` in milliseconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            start_s = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start_s) * 1e3)
+    return statistics.median(times) if statistic == "median" else min(times)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Memory that one call allocates on top of what is already allocated (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    fn()
+    _synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+
+
+@dataclass
+class Result:
+    shape: str
+    tokens: int
+    num_experts: int
+    granularity: int
+    routing: str
+    pairs: int
+    implementation: str
+    forward_ms: float
+    forward_backward_ms: float
+    forward_tflops: float
+    forward_backward_tflops: float
+    peak_memory_mib: float | None
+
+
+@dataclass
+class Settings:
+    dtype: torch.dtype
+    device: torch.device
+    warmup: int
+    repeats: int
+    statistic: str
+
+
+def benchmark_shape(shape: Shape, implementations: list[str], settings: Settings) -> list[Result]:
+    device, dtype = settings.device, settings.dtype
+    inputs = make_inputs(shape, dtype, device)
+    pairs = int((inputs[1] != 0).sum())
+    flops = 6 * pairs * shape.hidden * shape.intermediate  # gate_up (2*H*2I) + down (2*I*H) per pair
+    grad_output = torch.randn(shape.tokens, shape.hidden, device=device, dtype=dtype)
+    dense_x = torch.randn(pairs, shape.hidden, device=device, dtype=dtype, requires_grad=True)
+    dense_w = torch.randn(shape.hidden, 3 * shape.intermediate, device=device, dtype=dtype, requires_grad=True)
+    dense_grad = torch.randn(pairs, 3 * shape.intermediate, device=device, dtype=dtype)
+
+    results = []
+    for name in implementations:
+        if name == "dense":
+            leaves = [dense_x, dense_w]
+
+            def forward():
+                return dense_x @ dense_w
+
+            def forward_backward():
+                (dense_x @ dense_w).backward(dense_grad)
+        else:
+            leaves = inputs
+
+            def forward(name=name):
+                return sparse_moe_mlp(*inputs, implementation=name)
+
+            def forward_backward(name=name):
+                sparse_moe_mlp(*inputs, implementation=name).backward(grad_output)
+
+        def training_step(leaves=leaves, forward_backward=forward_backward):
+            for leaf in leaves:
+                leaf.grad = None
+            forward_backward()
+
+        timing = (device, settings.warmup, settings.repeats, settings.statistic)
+        forward_ms = time_ms(forward, *timing)
+        forward_backward_ms = time_ms(training_step, *timing)
+        result = Result(
+            shape=shape.label(),
+            tokens=shape.tokens,
+            num_experts=shape.num_experts,
+            granularity=shape.granularity,
+            routing=shape.routing,
+            pairs=pairs,
+            implementation=name,
+            forward_ms=forward_ms,
+            forward_backward_ms=forward_backward_ms,
+            forward_tflops=flops / forward_ms / 1e9,
+            forward_backward_tflops=3 * flops / forward_backward_ms / 1e9,
+            peak_memory_mib=peak_memory_mib(training_step, device),
+        )
+        results.append(result)
+        print(_format_row(result), flush=True)
+    return results
+
+
+_HEADER = f"{'shape':<36} {'pairs':>7} {'impl':<11} {'fwd ms':>9} {'f+b ms':>9} {'fwd TF/s':>8} {'f+b TF/s':>8} {'peak MiB':>9}"
+
+
+def _format_row(result: Result) -> str:
+    memory = f"{result.peak_memory_mib:9.0f}" if result.peak_memory_mib is not None else f"{'n/a':>9}"
+    return (
+        f"{result.shape:<36} {result.pairs:>7} {result.implementation:<11} {result.forward_ms:>9.2f} "
+        f"{result.forward_backward_ms:>9.2f} {result.forward_tflops:>8.3f} {result.forward_backward_tflops:>8.3f} {memory}"
+    )
+
+
+def goal_summary(results: list[Result]) -> dict[str, float] | None:
+    """The issue's goals on E=8, G=1, 16k tokens, mean k=1: triton against grouped_mm, eager and the dense GEMM."""
+    by_name = {r.implementation: r for r in results if r.shape == GOAL_SHAPE.label()}
+    if not {"triton", "grouped_mm", "eager", "dense"} <= by_name.keys():
+        return None
+    triton, grouped, eager, dense = (by_name[name] for name in ("triton", "grouped_mm", "eager", "dense"))
+    summary = {
+        "speedup_vs_grouped_mm": grouped.forward_backward_ms / triton.forward_backward_ms,
+        "speedup_vs_eager": eager.forward_backward_ms / triton.forward_backward_ms,
+        "fraction_of_dense_tflops": triton.forward_backward_tflops / dense.forward_backward_tflops,
+    }
+    if triton.peak_memory_mib is not None and grouped.peak_memory_mib:
+        summary["memory_vs_grouped_mm"] = triton.peak_memory_mib / grouped.peak_memory_mib
+    return summary
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--quick", action="store_true", help="reduced shape set (512 tokens, E*G <= 64); implied on CPU"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--implementations", nargs="+", help="subset of triton, grouped_mm, eager, dense (default: all available)"
+    )
+    parser.add_argument("--warmup", type=int, help="default: 3 on CUDA, 1 on CPU")
+    parser.add_argument("--repeats", type=int, help="default: 10 on CUDA, 5 on CPU")
+    parser.add_argument("--statistic", choices=["median", "min"], help="default: median on CUDA, min on CPU (noisier)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--output", type=Path, help="default: benchmarks/results/bench_experts_<device>.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    # On CPU only the torch paths: the Triton interpreter is far too slow for these shapes.
+    available = [name for name in ("triton", "grouped_mm", "eager") if name in IMPLEMENTATIONS]
+    implementations = args.implementations or [*(n for n in available if on_cuda or n != "triton"), "dense"]
+    unknown = set(implementations) - {*IMPLEMENTATIONS, "dense"}
+    if unknown:
+        parser.error(f"--implementations: unknown {sorted(unknown)}; choose from {[*IMPLEMENTATIONS, 'dense']}")
+    settings = Settings(
+        dtype=DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")],
+        device=device,
+        warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
+        repeats=args.repeats if args.repeats is not None else (10 if on_cuda else 5),
+        statistic=args.statistic or ("median" if on_cuda else "min"),
+    )
+    quick = args.quick or not on_cuda
+    output = args.output or Path(__file__).parent / "results" / f"bench_experts_{device.type}.json"
+
+    name = device_name(device)
+    print(f"# {name}, torch {torch.__version__}, {settings.dtype}; H={HIDDEN}, I={FFN}/G unless given")
+    print(
+        f"# {settings.statistic} of {settings.repeats} runs; forward with gradients enabled; "
+        "useful TFLOP/s (6*P*H*I forward, x3 with backward)"
+    )
+    print(_HEADER)
+    print("-" * len(_HEADER))
+    results = []
+    for shape in paper_shapes(quick):
+        results += benchmark_shape(shape, implementations, settings)
+
+    report = {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "dtype": str(settings.dtype).removeprefix("torch."),
+        "quick": quick,
+        "warmup": settings.warmup,
+        "repeats": settings.repeats,
+        "statistic": settings.statistic,
+        "results": [asdict(result) for result in results],
+        "goals": goal_summary(results),
+    }
+    if report["goals"]:
+        print(f"# goals ({GOAL_SHAPE.label()}):", json.dumps({k: round(v, 3) for k, v in report["goals"].items()}))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"# wrote {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
