@@ -5,6 +5,7 @@ import shutil
 
 import datasets
 import pytest
+
 from remoe.training import data
 
 SMALL = 40_000  # bytes per domain for the test corpus
