@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from remoe.configuration import available_presets
+from remoe.hub_cards.push import add_push_parser
 
 from .analysis import add_analyze_parser
 from .compare import add_compare_parser
+from .evaluation import add_eval_parser
 
 
 def add_train_parser(subparsers) -> None:
@@ -67,7 +69,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 # Each subcommand module exposes `add_<name>_parser(subparsers)`, which sets `run=callable(args)` as default.
-SUBCOMMANDS = (add_train_parser, add_compare_parser, add_analyze_parser)
+SUBCOMMANDS = (add_train_parser, add_compare_parser, add_analyze_parser, add_eval_parser, add_push_parser)
 
 
 def main(argv: list[str] | None = None) -> int:

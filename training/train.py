@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -189,6 +190,9 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history) + "\n")
+        (output_dir / "run_config.yaml").write_text(
+            yaml.safe_dump({**run, "training": {**run["training"], "seed": seed}})
+        )
         plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
         _print_summary(metrics, output_dir)
     return metrics
