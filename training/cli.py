@@ -50,6 +50,12 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: BPE trained on the corpus)")
     parser.add_argument("--vocab_size", type=int, help="vocabulary of the trained tokenizer")
     parser.add_argument("--block_size", type=int, help="tokens per training sequence")
+    parser.add_argument("--streaming", action="store_true", default=None, help="pack --dataset on the fly (no cache)")
+    parser.add_argument("--num_proc", type=int, help="processes for tokenization")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON config (examples in remoe/configuration/deepspeed)")
+    parser.add_argument(
+        "--expert_parallel_size", type=int, help="shard each MoE layer's experts over N ranks (DeepSpeed ZeRO-1/2)"
+    )
     parser.add_argument("--max_eval_blocks", type=int, help="validation blocks per domain for the final evaluation")
     parser.add_argument(
         "--resume_from_checkpoint",

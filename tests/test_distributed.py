@@ -1,0 +1,385 @@
+"""Distributed training on CPU: 2 processes over gloo (torchrun), DeepSpeed ZeRO-1/2 with expert parallelism.
+
+Every run goes through `remoe.training.train.train` (tests/dist_workers.py) on a toy model (hidden 32, 2 layers,
+4 experts) and a local jsonl dataset. The one-process reference runs the same global batch as gradient accumulation
+over the ranks' micro-batches (a rank's micro-batch is a gradient-accumulation micro-batch: same L1 term, same
+sparsity statistics), so the distributed runs must reproduce it to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import get_last_checkpoint
+
+import remoe
+from remoe.modeling_remoe import ReMoEExperts
+from remoe.training.data import train_tokenizer
+from remoe.training.distributed import packaged_deepspeed_config
+from remoe.training.train import train
+
+from .conftest import tiny_config
+
+WORKER = Path(__file__).with_name("dist_workers.py")
+STEPS, SAVE_STEPS, KILL_AT = 6, 2, 6
+ATOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _expert_layer_worker(rank: int, world_size: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: None  # see tests/dist_workers.py
+    from remoe.training.expert_parallel import ExpertParallelExperts, enable_expert_parallel
+
+    torch.manual_seed(0)
+    config = tiny_config(num_experts=2, hidden_size=16, intermediate_size=24)
+    reference = ReMoEExperts(config)
+    torch.nn.init.normal_(reference.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(reference.down_proj, std=0.2)
+    # The global batch: rank 0 holds 5 tokens that all use expert 0 (it sends nothing to rank 1), rank 1 holds 9
+    # tokens with 0, 1 or 2 experts each: uneven splits in both directions, and an empty one.
+    hidden = torch.randn(14, 16)
+    gates = torch.rand(14, 2) * (torch.rand(14, 2) > 0.4)
+    gates[:5] = torch.tensor([1.0, 0.0]) * torch.rand(5, 1)
+    rows = slice(0, 5) if rank == 0 else slice(5, 14)
+    upstream = torch.randn(14, 16)
+
+    block = torch.nn.Module()
+    block.router, block.experts = torch.nn.Linear(16, 2), ReMoEExperts(config)
+    block.experts.load_state_dict(reference.state_dict())
+    enable_expert_parallel(block, ep_size=2)
+    assert isinstance(block.experts, ExpertParallelExperts) and block.experts.num_local_experts == 1
+    local_hidden, local_gates = hidden[rows].clone().requires_grad_(), gates[rows].clone().requires_grad_()
+    output = block.experts(local_hidden, local_gates)
+    (output * upstream[rows]).sum().backward()
+
+    full_hidden, full_gates = hidden.clone().requires_grad_(), gates.clone().requires_grad_()
+    expected = reference(full_hidden, full_gates)
+    (expected * upstream).sum().backward()
+    expert = block.experts.local_experts[0]
+    errors = {
+        "output": (output - expected[rows]).abs().max().item(),
+        "hidden_grad": (local_hidden.grad - full_hidden.grad[rows]).abs().max().item(),
+        "gates_grad": (local_gates.grad - full_gates.grad[rows]).abs().max().item(),
+        "gate_up_grad": (expert.gate_up_proj.grad - reference.gate_up_proj.grad[rank]).abs().max().item(),
+        "down_grad": (expert.down_proj.grad - reference.down_proj.grad[rank]).abs().max().item(),
+    }
+    gate_up, down = block.experts.gather()
+    errors["gathered"] = max(
+        (gate_up - reference.gate_up_proj).abs().max().item(), (down - reference.down_proj).abs().max().item()
+    )
+    results[rank] = errors
+    dist.destroy_process_group()
+
+
+def test_expert_parallel_layer_forward_and_backward_match_the_full_layer():
+    """One MoE layer's experts over 2 ranks (E=2, one expert per rank): outputs and the gradients of the inputs,
+    the gates (kept on the token's rank) and the expert weights (summed over both ranks' tokens) match one process."""
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_expert_layer_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert max(results[rank].values()) < 1e-6, results[rank]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A jsonl corpus, a tokenizer and an initial toy model (saved, so every process starts from the same weights)."""
+    root = tmp_path_factory.mktemp("dist")
+    rng = random.Random(0)
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+        "nu",
+        "xi",
+        "omicron",
+        "pi",
+        "rho",
+        "sigma",
+    ]
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(300)]
+    (root / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    tokenizer = train_tokenizer(docs, vocab_size=300)
+    torch.manual_seed(0)
+    config = remoe.ReMoEConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_experts=4,
+        num_experts_per_tok=1,
+        initializer_range=0.05,
+        # Large enough to move the routing, small enough that no layer ever routes *no* token in a step: then the
+        # one-process experts get no gradient at all and torch's AdamW skips them, while DeepSpeed steps them with
+        # zero gradients (momentum), a legitimate difference that is not what these tests are about.
+        l1_coef_init=1e-3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    remoe.ReMoEForCausalLM(config).save_pretrained(root / "init")
+    tokenizer.save_pretrained(root / "init")
+    run = {
+        "data": {"dataset": str(root / "data.jsonl"), "block_size": 16, "max_eval_blocks": 4},
+        "training": {
+            "max_steps": STEPS,
+            "per_device_train_batch_size": 2,
+            "per_device_eval_batch_size": 2,
+            "learning_rate": 1e-2,
+            # Adam turns a gradient of ~eps into an O(1) step, so fp32 rounding (the distributed runs sum the same
+            # terms in another order) of a tiny gradient would move a weight by ~lr. A larger eps keeps that linear.
+            "adam_epsilon": 1e-6,
+            "logging_steps": 1,
+            "save_steps": SAVE_STEPS,
+            "disable_tqdm": True,
+            "use_cpu": True,
+            "train_sampling_strategy": "sequential",  # rank r's batch = the r-th accumulation micro-batch
+        },
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(run))
+    probe = torch.randint(0, len(tokenizer), (4, 16), generator=torch.Generator().manual_seed(1))
+    (root / "probe.json").write_text(json.dumps(probe.tolist()))
+    return root
+
+
+def _options(workspace: Path, name: str, **overrides) -> dict:
+    return {
+        "config": str(workspace / "run.yaml"),
+        "model_name_or_path": str(workspace / "init"),
+        "output_dir": str(workspace / name),
+        "probe": json.loads((workspace / "probe.json").read_text()),
+        **overrides,
+    }
+
+
+def _launch(
+    workspace: Path,
+    name: str,
+    options: dict,
+    nproc: int,
+    env: dict | None = None,
+    check: bool = True,
+    launcher: str = "torchrun",
+):
+    """Run the worker (with torchrun or the deepspeed launcher for nproc > 1); returns the per-rank results."""
+    options_path = workspace / f"{name}.json"
+    options_path.write_text(json.dumps(options))
+    results = workspace / f"{name}-results"
+    command = [sys.executable, str(WORKER), str(options_path), str(results)]
+    port = str(_free_port())
+    if nproc > 1 and launcher == "torchrun":
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
+    elif nproc > 1:  # `deepspeed --no_local_rank --num_gpus N script ...` (no --local_rank argument for the script)
+        deepspeed = ["-m", "deepspeed.launcher.runner", "--no_local_rank", "--num_gpus", str(nproc)]
+        command[1:1] = [*deepspeed, "--master_port", port]
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    process = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    if check and process.returncode != 0:
+        pytest.fail(f"{name} failed ({process.returncode}):\n{process.stdout[-4000:]}\n{process.stderr[-8000:]}")
+    if not check:
+        return process
+    return [torch.load(results / f"rank{rank}.pt", weights_only=False) for rank in range(nproc)]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def _assert_same_weights(actual: dict, expected: dict, atol: float = ATOL) -> None:
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(actual[name], tensor, rtol=0, atol=atol, msg=name)
+
+
+def _lambdas(result: dict) -> list[float]:
+    return [entry["remoe/l1_coef"] for entry in result["history"]]
+
+
+@pytest.fixture(scope="module")
+def reference(workspace):
+    """One process, gradient accumulation over the two ranks' micro-batches."""
+    options = _options(workspace, "reference", gradient_accumulation_steps=2, num_proc=2)  # tokenizes in 2 processes
+    (result,) = _launch(workspace, "reference", options, 1)
+    return result
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_run(workspace):
+    """EP=2 over 2 ranks with DeepSpeed ZeRO-2; the Trainer builds the optimizer, ReMoETrainer splits its groups."""
+    deepspeed = packaged_deepspeed_config("zero2.json")
+    options = _options(workspace, "ep2", expert_parallel_size=2, deepspeed=deepspeed)
+    return _launch(workspace, "ep2", options, 2)
+
+
+def test_expert_parallel_matches_one_process(workspace, reference, expert_parallel_run):
+    # Same weights, same global batch: logits and loss (rank r holds rows r::2 and half the experts).
+    for result in expert_parallel_run:
+        torch.testing.assert_close(result["initial"]["logits"], reference["initial"]["logits"], rtol=0, atol=ATOL)
+        torch.testing.assert_close(result["initial"]["loss"], reference["initial"]["loss"], rtol=0, atol=ATOL)
+    # lambda: one trajectory on every rank, equal to the one-process trajectory (the sparsity is reduced over ranks).
+    assert len(_lambdas(reference)) == STEPS
+    assert _lambdas(expert_parallel_run[0]) == _lambdas(expert_parallel_run[1]) == _lambdas(reference)
+    assert len(set(_lambdas(reference))) > 1
+    # Every parameter after 2, 4 and 6 optimizer steps (checkpoints hold all experts, gathered from both ranks).
+    for step in range(SAVE_STEPS, STEPS + 1, SAVE_STEPS):
+        folder = f"checkpoint-{step}"
+        _assert_same_weights(_weights(workspace / "ep2" / folder), _weights(workspace / "reference" / folder))
+    _assert_same_weights(_weights(workspace / "ep2"), _weights(workspace / "reference"))
+    # Both ranks trained on different data: rank r on the r-th micro-batch of each accumulation step.
+    rank0, rank1 = (result["batches"] for result in expert_parallel_run)
+    assert rank0 == reference["batches"][0::2] and rank1 == reference["batches"][1::2]
+
+
+def test_expert_parallel_checkpoint_is_a_plain_transformers_checkpoint(workspace, expert_parallel_run):
+    output = workspace / "ep2"
+    model = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4  # all experts, Transformers names
+    probe = torch.tensor(json.loads((workspace / "probe.json").read_text()))
+    with torch.no_grad():
+        logits = model(probe).logits
+    for result in expert_parallel_run:  # the distributed (sharded) model after training
+        torch.testing.assert_close(logits, result["final"]["logits"], rtol=0, atol=ATOL)
+    assert model.l1_coef == expert_parallel_run[0]["l1_coef"]
+    # DeepSpeed's own state: one file per expert (global ids), ZeRO shards per rank; no staging left behind.
+    state = output / f"checkpoint-{STEPS}" / f"global_step{STEPS}"
+    assert sorted(p.name for p in state.glob("layer_*_expert_*")) == [
+        f"layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt" for layer in range(2) for expert in range(4)
+    ]
+    assert len(list(state.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert not (output / ".staging").exists()
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["total_parameters"] == sum(t.numel() for t in model.parameters())
+
+
+def test_data_parallel_matches_one_process(workspace, reference):
+    """Plain DDP (no DeepSpeed): 2 ranks with the same global batch as one process."""
+    results = _launch(workspace, "ddp", _options(workspace, "ddp"), 2)
+    assert _lambdas(results[0]) == _lambdas(results[1]) == _lambdas(reference)
+    _assert_same_weights(_weights(workspace / "ddp"), _weights(workspace / "reference"))
+    # Per-rank sharding: disjoint batches that together are the one-process batches.
+    rank0, rank1 = (result["batches"] for result in results)
+    assert rank0 == reference["batches"][0::2] and rank1 == reference["batches"][1::2]
+
+
+def test_streaming_shards_the_stream_over_ranks_without_duplicates(workspace):
+    """`--streaming`: the train split is an IterableDataset packed on the fly; rank 0 reads it and every rank gets
+    its own batches (Accelerate's dispatcher), so no block is trained on twice."""
+    results = _launch(workspace, "streaming", _options(workspace, "streaming", streaming=True, max_steps=4), 2)
+    blocks = [[tuple(row) for batch in result["batches"] for row in batch] for result in results]
+    assert len(blocks[0]) == len(blocks[1]) == 4 * 2
+    assert not set(blocks[0]) & set(blocks[1]) and len(set(blocks[0] + blocks[1])) == 16
+    assert all(len(block) == 16 for block in blocks[0] + blocks[1])
+    assert _lambdas(results[0]) == _lambdas(results[1]) and len(_lambdas(results[0])) == 4
+    assert results[0]["metrics"]["validation_loss"] > 0
+
+
+def test_crash_while_saving_then_resume_is_exact(workspace, reference):
+    """ZeRO-1 + EP=2 (the default DeepSpeed config for `--expert_parallel_size`), SIGKILLed in the middle of writing
+    its third checkpoint, then resumed from the last complete one; it ends where the uninterrupted run ends."""
+    options = _options(workspace, "crash", expert_parallel_size=2)
+    process = _launch(workspace, "crash", options, 2, env={"REMOE_TEST_KILL_AT_SAVE": str(KILL_AT)}, check=False)
+    assert process.returncode != 0
+    output = workspace / "crash"
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert get_last_checkpoint(str(output)) == str(output / "checkpoint-4")
+    partial = output / ".staging" / f"checkpoint-{KILL_AT}"
+    assert (partial / "model.safetensors").exists() and not (partial / "trainer_state.json").exists()
+    # The completed checkpoints are exact so far.
+    for step in (2, 4):
+        folder = f"checkpoint-{step}"
+        _assert_same_weights(_weights(output / folder), _weights(workspace / "reference" / folder))
+
+    # Resumed under the deepspeed launcher (the crashed run used torchrun): same checkpoint, same result.
+    results = _launch(workspace, "resume", {**options, "resume_from_checkpoint": True}, 2, launcher="deepspeed")
+    assert [entry["step"] for entry in results[0]["history"]] == [5, 6]
+    assert _lambdas(results[0]) == _lambdas(results[1]) == _lambdas(reference)[4:]
+    assert results[0]["l1_coef"] == reference["l1_coef"]
+    _assert_same_weights(_weights(output), _weights(workspace / "reference"))
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert not (output / ".staging").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        ({"expert_parallel_size": 3}, "2", "must divide num_experts"),
+        ({"expert_parallel_size": 2}, "3", "must divide the world size"),
+        ({"expert_parallel_size": 2, "deepspeed": "ZERO3"}, "2", "ZeRO stage 3"),
+        ({"deepspeed": "/no/such/ds_config.json"}, "1", "ds_config.json"),
+        ({"dataset": "/no/such/corpus.jsonl"}, "1", "corpus.jsonl"),
+        ({"dataset": "EMPTY"}, "1", "empty"),
+    ],
+)
+def test_bad_input_fails_before_training(workspace, tmp_path, monkeypatch, overrides, world_size, message):
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    if overrides.get("deepspeed") == "ZERO3":
+        config = json.loads(Path(packaged_deepspeed_config("zero2.json")).read_text())
+        config["zero_optimization"]["stage"] = 3
+        overrides["deepspeed"] = str(tmp_path / "zero3.json")
+        (tmp_path / "zero3.json").write_text(json.dumps(config))
+    if overrides.get("dataset") == "EMPTY":
+        overrides["dataset"] = str(tmp_path / "empty.jsonl")
+        (tmp_path / "empty.jsonl").write_text("")
+    options = _options(workspace, "bad", **overrides)
+    options["output_dir"] = str(tmp_path / "out")
+    options.pop("probe")
+    with pytest.raises(ValueError, match=message):
+        train(options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_accelerate_launch_deepspeed_settings_are_checked_and_used(workspace, tmp_path, monkeypatch):
+    """Under `accelerate launch` with a DeepSpeed plugin, `remoe train` takes Accelerate's DeepSpeed config file (or
+    its inline ZeRO stage) and applies the same checks."""
+    from remoe.training.distributed import resolve_parallel_options
+
+    def resolve(**options):
+        run = {"model": {}, "data": {}, "training": {}}
+        return resolve_parallel_options({"model_name_or_path": str(workspace / "init"), **options}, run)
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", packaged_deepspeed_config("zero2.json"))
+    assert resolve(expert_parallel_size=2)["deepspeed"] == packaged_deepspeed_config("zero2.json")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert resolve(expert_parallel_size=2) == {"deepspeed": None, "expert_parallel_size": 2}  # Accelerate's plugin
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        resolve(expert_parallel_size=2)
+    assert resolve() == {"deepspeed": None, "expert_parallel_size": 1}  # ZeRO-3 without EP is fine
