@@ -26,6 +26,8 @@ class ReMoEConfig(PreTrainedConfig):
         l1_coef_multiplier (`float`, defaults to 1.2): alpha of the controller, > 1.
         load_balance (`str`, defaults to `"refined_l1"`): `"refined_l1"` (load-balanced L1) or `"l1"` (plain L1).
         router_aux_loss_coef (`float`, defaults to 0.01): weight of the Switch load-balancing loss (TopK only).
+        router_renormalize (`bool`, defaults to `False`): TopK only: divide the k kept softmax probabilities by their
+            sum (Mixtral, Qwen3-MoE `norm_topk_prob`); ReMoE's TopK baseline keeps them as they are (Megatron).
         experts_implementation (`str`, *optional*): `"eager"`, `"grouped_mm"` or `"triton"`; default: `"triton"` on
             CUDA when Triton is installed, else `"grouped_mm"`. Transformers keeps it in `config._experts_implementation`.
 
@@ -80,6 +82,7 @@ class ReMoEConfig(PreTrainedConfig):
     l1_coef_multiplier: float = 1.2
     load_balance: str = "refined_l1"
     router_aux_loss_coef: float = 0.01
+    router_renormalize: bool = False
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
@@ -120,6 +123,8 @@ class ReMoEConfig(PreTrainedConfig):
                 f"`granularity` must be >= 1 and divide intermediate_size={self.intermediate_size}, "
                 f"got {self.granularity}"
             )
+        if self.router_renormalize and self.router_type != "topk":
+            raise ValueError(f"`router_renormalize` applies to router_type='topk' only, got {self.router_type!r}")
         if self.moe_layer_freq < 1:
             raise ValueError(f"`moe_layer_freq` must be >= 1, got {self.moe_layer_freq}")
         if not math.isfinite(self.l1_coef_multiplier) or self.l1_coef_multiplier <= 1:

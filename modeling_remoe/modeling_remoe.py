@@ -194,12 +194,14 @@ class ReMoEMLP(nn.Module):
 
 
 class ReMoERouter(nn.Module):
-    """`relu`: gates = ReLU(x W^T). `topk`: gates = TopK(Softmax(x W^T), k) without renormalisation."""
+    """`relu`: gates = ReLU(x W^T). `topk`: gates = TopK(Softmax(x W^T), k), renormalised to sum 1 only with
+    `router_renormalize` (Mixtral's convention; the ReMoE paper's TopK baseline keeps the softmax values)."""
 
     def __init__(self, config: ReMoEConfig):
         super().__init__()
         self.router_type = config.router_type
         self.top_k = config.routed_top_k
+        self.renormalize = config.router_renormalize
         self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +211,8 @@ class ReMoERouter(nn.Module):
             return router_logits, F.relu(router_logits)
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         top_values, top_indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalize:
+            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_indices, top_values)
         return router_logits, gates.to(hidden_states.dtype)
 

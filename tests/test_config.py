@@ -25,6 +25,7 @@ from remoe import ReMoEConfig
         ("num_key_value_heads", {"num_attention_heads": 6, "num_key_value_heads": 4}),
         ("num_experts", {"num_experts": 0}),
         ("moe_layer_freq", {"moe_layer_freq": 0}),
+        ("router_renormalize", {"router_type": "relu", "router_renormalize": True}),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(field, overrides):

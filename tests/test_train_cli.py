@@ -21,7 +21,7 @@ SMALL_RUN = {
         "router_type": "relu",
         "l1_coef_init": 1e-4,
     },
-    "data": {"dataset": "builtin", "vocab_size": 384, "block_size": 32, "max_eval_blocks": 4},
+    "data": {"dataset": "builtin", "vocab_size": 384, "block_size": 32, "max_eval_blocks": 3},
     "training": {
         "max_steps": 6,
         "per_device_train_batch_size": 4,

@@ -9,6 +9,7 @@ from remoe.configuration import available_presets
 from remoe.hub_cards.push import add_push_parser
 
 from .analysis import add_analyze_parser
+from .btx import add_btx_parser, add_convert_parser, add_upcycle_parser
 from .compare import add_compare_parser
 from .evaluation import add_eval_parser
 
@@ -75,7 +76,16 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 # Each subcommand module exposes `add_<name>_parser(subparsers)`, which sets `run=callable(args)` as default.
-SUBCOMMANDS = (add_train_parser, add_compare_parser, add_analyze_parser, add_eval_parser, add_push_parser)
+SUBCOMMANDS = (
+    add_train_parser,
+    add_compare_parser,
+    add_analyze_parser,
+    add_eval_parser,
+    add_push_parser,
+    add_btx_parser,
+    add_upcycle_parser,
+    add_convert_parser,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -207,6 +207,7 @@ def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
 def _final_metrics(trainer, model, validation, data_cfg: dict, history: list[dict]) -> dict[str, Any]:
     config = model.config
     eval_sets = _eval_sets(validation, data_cfg["max_eval_blocks"])
+    trainer.args.dataloader_drop_last = False  # training keeps whole batches; evaluation sees every block
     results = trainer.evaluate(eval_dataset=eval_sets)
     metrics: dict[str, Any] = {"router_type": config.router_type}
     for name in eval_sets:

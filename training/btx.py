@@ -1,0 +1,657 @@
+"""Branch-Train-MiX and its neighbours on the command line and as Python functions.
+
+- `remoe btx branch SEED --domains code docs math`: one `remoe train` job per domain (or per `--datasets` path),
+  each continuing the seed; a Llama / Mistral / Qwen2 seed is first converted to a dense ReMoE checkpoint.
+- `remoe btx mix EXPERT... --output_dir OUT`: merge the experts into one ReLU- or TopK-routed MoE
+  (`remoe.conversion.btx_mix`).
+- `remoe btx finetune MIXED --output_dir OUT`: MoE finetuning on the union of the data (controller for ReLU, Switch
+  load balancing for TopK), optionally with frozen experts.
+- `remoe btx eval MODEL...`: per-domain validation loss and per-domain routing shares, as a markdown table.
+- `remoe upcycle DENSE --num_experts E`: sparse upcycling (`remoe.conversion.upcycle`).
+- `remoe convert CHECKPOINT`: Mixtral / ReMoE MoE -> ReMoE (ReLU or TopK), dense Llama-family -> dense ReMoE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from remoe import conversion
+
+BRANCH_FILE = "btx_branch.json"
+JOB_FILE = "btx_job.json"
+# `remoe train` options that a branch / finetune job passes through (the architecture comes from the checkpoint).
+TRAIN_PASSTHROUGH = (
+    "config",
+    "preset",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "logging_steps",
+    "save_steps",
+    "bf16",
+    "seed",
+    "dataset",
+    "text_column",
+    "tokenizer",
+    "block_size",
+    "max_eval_blocks",
+    "l1_coef_init",
+    "l1_coef_multiplier",
+    "load_balance",
+    "router_aux_loss_coef",
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# branch
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _job_command(job: dict[str, Any]) -> str:
+    """The `remoe train` command line of a job dict."""
+    words = ["remoe", "train"]
+    for key, value in job.items():
+        if value is None or value is False:
+            continue
+        words.append(f"--{key}")
+        if isinstance(value, (list, tuple)):
+            words += [str(v) for v in value]
+        elif value is not True:
+            words.append(str(value))
+    return shlex.join(words)
+
+
+def _check_train_options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(name for name, value in options.items() if value is not None and name not in TRAIN_PASSTHROUGH)
+    if unknown:
+        raise ValueError(
+            f"options {unknown} cannot be set for a job that continues a checkpoint; allowed: {list(TRAIN_PASSTHROUGH)}"
+        )
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def _validate_run_options(options: dict[str, Any]) -> None:
+    """The preset/config, data and training sections must be valid before any conversion or training starts."""
+    from .train import resolve_run
+
+    resolve_run({key: value for key, value in options.items() if key not in conversion.CONTROLLER_FIELDS})
+
+
+def branch(
+    seed_model: str | Path,
+    output_dir: str | Path,
+    *,
+    domains: Sequence[str] | None = None,
+    datasets: Sequence[str] | None = None,
+    train_options: dict[str, Any] | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Write one `remoe train` job per domain (or per dataset) continuing `seed_model`, and run them in order.
+
+    Every job writes `OUTPUT_DIR/expert-NAME` (a dense ReMoE checkpoint with metrics.json); `OUTPUT_DIR/btx_branch.json`
+    lists the jobs with their command lines (each can run on its own machine), `OUTPUT_DIR/branch_jobs.sh` holds the
+    commands. With `dry_run` only the files are written. A Llama / Mistral / Qwen2 seed is first converted to a dense
+    ReMoE checkpoint in `OUTPUT_DIR/seed`. Returns the branch description (with each job's metrics when run).
+    """
+    output_dir = Path(output_dir)
+    if bool(domains) == bool(datasets):
+        raise ValueError("branch needs either --domains (one expert per domain) or --datasets (one per expert)")
+    options = _check_train_options(dict(train_options or {}))
+    if datasets and options.get("dataset"):
+        raise ValueError("--datasets sets one dataset per expert; leave --dataset out")
+    names = list(domains) if domains else [_dataset_name(path) for path in datasets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"expert names must be unique, got {names}")
+    if domains and options.get("dataset", "builtin") == "builtin":
+        from .data import DOMAINS
+
+        unknown = sorted(set(domains) - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"--domains {unknown} not in the embedded corpus; available: {list(DOMAINS)}")
+    _validate_run_options(options)
+
+    checkpoint = conversion.SafetensorsCheckpoint(seed_model)
+    arch = conversion.read_architecture(checkpoint)
+    if arch.moe_layout:
+        raise ValueError(f"the seed {str(seed_model)!r} must be a dense checkpoint, got an MoE ({arch.model_type})")
+    conversion.check_source_tensors(checkpoint, arch)
+    checkpoint.close()
+    has_tokenizer = any((Path(seed_model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    if not has_tokenizer and not options.get("tokenizer"):
+        raise ValueError(f"the seed {str(seed_model)!r} has no tokenizer; pass --tokenizer (a tokenizer folder)")
+    seed_dir = Path(seed_model)
+    if arch.model_type != "remoe":
+        seed_dir = output_dir / "seed"
+        if not dry_run or not seed_dir.exists():
+            conversion.to_dense_remoe(seed_model, seed_dir, overwrite=True)
+
+    jobs = []
+    for index, name in enumerate(names):
+        job = {**options, "model_name_or_path": str(seed_dir), "output_dir": str(output_dir / f"expert-{name}")}
+        if domains:
+            job["domains"] = [name]
+        else:
+            job["dataset"] = str(datasets[index])
+        jobs.append({"name": name, "domain": name if domains else None, "job": job, "command": _job_command(job)})
+
+    description = {"seed_model": str(seed_model), "seed_remoe": str(seed_dir), "experts": jobs}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / BRANCH_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    script = ["#!/bin/sh", "# One job per expert; they are independent and can run on different machines.", "set -e"]
+    (output_dir / "branch_jobs.sh").write_text("\n".join(script + [job["command"] for job in jobs]) + "\n")
+    for job in jobs:
+        expert_dir = Path(job["job"]["output_dir"])
+        expert_dir.mkdir(parents=True, exist_ok=True)
+        (expert_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
+    if dry_run:
+        return description
+
+    from .train import train
+
+    for job in jobs:
+        print(f"\nremoe btx branch: training expert {job['name']!r}\n  {job['command']}")
+        job["metrics"] = train(dict(job["job"]))
+    (output_dir / BRANCH_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+def _dataset_name(path: str) -> str:
+    resolved = Path(path)
+    return resolved.stem if resolved.suffix else resolved.name
+
+
+def _branch_sources(sources: Sequence[str]) -> tuple[list[str], dict[str, Any] | None]:
+    """A single branch folder (with btx_branch.json) stands for its experts."""
+    if len(sources) == 1 and (Path(sources[0]) / BRANCH_FILE).is_file():
+        description = json.loads((Path(sources[0]) / BRANCH_FILE).read_text())
+        return [job["job"]["output_dir"] for job in description["experts"]], description
+    return list(sources), None
+
+
+def _source_job(source: str) -> dict[str, Any] | None:
+    path = Path(source) / JOB_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# mix
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def read_texts(path: str | Path, max_chars: int = 400_000) -> list[str]:
+    """Texts of a .txt (paragraphs), .json/.jsonl (`text` field) file, up to about `max_chars` characters."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"router text file {str(path)!r} does not exist")
+    if path.suffix in (".json", ".jsonl"):
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        texts = [json.loads(line)["text"] for line in lines]
+    else:
+        texts = [part for part in path.read_text().split("\n\n") if part.strip()]
+    return _cap(texts, max_chars)
+
+
+def _cap(texts: Sequence[str], max_chars: int) -> list[str]:
+    out, total = [], 0
+    for text in texts:
+        if total >= max_chars:
+            break
+        out.append(text)
+        total += len(text)
+    return out
+
+
+def domain_texts(
+    dataset: str, domain: str | None, *, max_chars: int = 400_000, seed: int = 42, text_column: str = "text"
+) -> list[str]:
+    """Training texts of one domain (all rows when `domain` is None) of `dataset` (`builtin` or a path/Hub name)."""
+    from .data import load_text_dataset
+
+    train = load_text_dataset(dataset, text_column=text_column, seed=seed)["train"]
+    if domain is not None:
+        available = set(train["domain"])
+        if domain not in available:
+            raise ValueError(f"domain {domain!r} not in dataset {dataset!r}; available: {sorted(available)}")
+        train = train.filter(lambda row: row["domain"] == domain)
+    return _cap(train.shuffle(seed=seed)["text"], max_chars)
+
+
+def mix(
+    sources: Sequence[str],
+    output_dir: str | Path,
+    *,
+    router_texts: Sequence[str] | None = None,
+    domains: Sequence[str] | None = None,
+    dataset: str | None = None,
+    seed_model: str | None = None,
+    expert_names: Sequence[str] | None = None,
+    router_init: str = "random",
+    **options: Any,
+) -> Path:
+    """`btx_mix` with the conveniences of the command line: a branch folder stands for its experts (and its seed), and
+    `router_init="centroid"` takes the texts from `router_texts` files, from `domains` of `dataset`, or from the
+    domain / dataset each expert was trained on (its `btx_job.json`)."""
+    sources, description = _branch_sources(sources)
+    jobs = [_source_job(source) for source in sources]
+    if description is not None and seed_model is None:
+        seed_model = description["seed_remoe"]
+    if expert_names is None and all(job is not None for job in jobs):
+        expert_names = [job["name"] for job in jobs]
+    texts = None
+    if router_init == "centroid":
+        if router_texts:
+            if len(router_texts) != len(sources):
+                raise ValueError(f"--router_texts needs one file per source ({len(sources)}), got {len(router_texts)}")
+            texts = [read_texts(path) for path in router_texts]
+        elif domains:
+            if len(domains) != len(sources):
+                raise ValueError(f"--domains needs one domain per source ({len(sources)}), got {len(domains)}")
+            texts = [domain_texts(dataset or "builtin", domain) for domain in domains]
+        elif all(job is not None for job in jobs):
+            texts = [
+                domain_texts(job["job"].get("dataset", "builtin"), job["domain"], seed=job["job"].get("seed", 42))
+                for job in jobs
+            ]
+        else:
+            raise ValueError(
+                "router_init='centroid' needs --router_texts (one file per source), --domains (one per source) or "
+                "sources written by `remoe btx branch`"
+            )
+    return conversion.btx_mix(
+        sources,
+        output_dir,
+        seed_model=seed_model,
+        expert_names=expert_names,
+        router_init=router_init,
+        router_texts=texts,
+        **options,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# finetune
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def finetune(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    train_options: dict[str, Any] | None = None,
+    domains: Sequence[str] | None = None,
+    freeze_experts: bool = False,
+) -> dict[str, Any]:
+    """Continue a mixed (or upcycled / converted) MoE on the union of the domain data with `remoe train`.
+
+    ReLU models train with the L1 controller, TopK models with the Switch load-balancing loss; `freeze_experts` trains
+    everything but the expert FFNs. Returns the metrics (also in OUTPUT_DIR/metrics.json).
+    """
+    from remoe import ReMoEConfig
+
+    from .train import train
+
+    options = _check_train_options(dict(train_options or {}))
+    config_file = Path(model_dir) / "config.json"
+    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+    if model_type != "remoe":
+        raise ValueError(
+            f"{str(model_dir)!r} is not a ReMoE checkpoint (model_type {model_type!r}); "
+            "build one with `remoe btx mix`, `remoe upcycle` or `remoe convert`"
+        )
+    config = ReMoEConfig.from_pretrained(model_dir)
+    if config.router_type == "dense":
+        raise ValueError(f"{str(model_dir)!r} is a dense ReMoE; finetune an MoE made by `remoe btx mix` or `upcycle`")
+    _validate_run_options(options)
+    job = {**options, "model_name_or_path": str(model_dir), "output_dir": str(output_dir)}
+    if domains:
+        job["domains"] = list(domains)
+    if freeze_experts:
+        job["freeze_experts"] = True
+    print(f"remoe btx finetune: {_job_command(job)}")
+    metrics = train(job)
+    info_file = Path(model_dir) / conversion.CONVERSION_INFO_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        info["finetuned_from"] = str(model_dir)
+        (Path(output_dir) / conversion.CONVERSION_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation: per-domain loss and routing shares
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def expert_groups(model_dir: str | Path, num_routed_experts: int) -> tuple[list[str], list[list[int]]]:
+    """Expert names and their routed experts (a split expert has several), from remoe_conversion.json if present."""
+    info_file = Path(model_dir) / conversion.CONVERSION_INFO_FILE
+    if info_file.is_file():
+        experts = json.loads(info_file.read_text()).get("experts")
+        if experts:
+            return [e["name"] for e in experts], [e["routed_experts"] for e in experts]
+    return [f"e{i}" for i in range(num_routed_experts)], [[i] for i in range(num_routed_experts)]
+
+
+@torch.no_grad()
+def evaluate_domains(
+    model_dir: str | Path,
+    *,
+    dataset: str = "builtin",
+    block_size: int = 128,
+    max_eval_blocks: int = 64,
+    batch_size: int = 16,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Validation loss per domain (the first `max_eval_blocks` packed blocks of each, as `remoe train` evaluates) and,
+    for MoE models, the share of each expert in each domain's routed (token, expert) pairs, averaged over layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import remoe  # noqa: F401  (registers the Auto classes)
+
+    from .data import load_text_dataset, pack_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    validation = pack_dataset(load_text_dataset(dataset, seed=seed)["validation"], tokenizer, block_size)
+    config = model.config
+    is_moe = getattr(config, "router_type", "dense") != "dense"
+    names, groups = expert_groups(model_dir, config.num_routed_experts) if is_moe else ([], [])
+    results: dict[str, Any] = {"model": str(model_dir), "losses": {}, "routing_shares": {}, "experts_per_token": {}}
+    for domain in sorted(set(validation["domain"])):
+        subset = validation.filter(lambda row, d=domain: row["domain"] == d)
+        blocks = subset.select(range(min(max_eval_blocks, len(subset))))["input_ids"]
+        loss_sum, counts, active_tokens = 0.0, None, 0
+        for start in range(0, len(blocks), batch_size):
+            batch = torch.tensor(blocks[start : start + batch_size])
+            output = model(batch, use_cache=False, output_router_logits=is_moe)
+            # The LM loss only (with router logits requested, MoE models add their auxiliary loss to `loss`).
+            logits = output.logits[:, :-1].flatten(0, 1).float()
+            loss_sum += torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten()).item() * len(batch)
+            if is_moe:
+                layer_counts = torch.stack([_active(logits, config).sum(dim=0) for logits in output.router_logits])
+                counts = layer_counts if counts is None else counts + layer_counts
+                active_tokens += batch.numel()
+        results["losses"][domain] = loss_sum / len(blocks)
+        if is_moe:
+            shares = (counts / counts.sum(dim=1, keepdim=True).clamp_min(1)).mean(dim=0)
+            results["routing_shares"][domain] = {
+                name: float(shares[group].sum()) for name, group in zip(names, groups, strict=True)
+            }
+            results["experts_per_token"][domain] = float(counts.sum(dim=1).mean() / active_tokens)
+    results["losses"]["average"] = sum(results["losses"].values()) / len(results["losses"])
+    return results
+
+
+def _active(router_logits: torch.Tensor, config) -> torch.Tensor:
+    if config.router_type == "relu":
+        return (router_logits > 0).to(torch.float64)
+    top = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
+    return torch.zeros_like(router_logits, dtype=torch.float64).scatter_(1, top, 1.0)
+
+
+def loss_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per model, per-domain validation loss and the average."""
+    domains = [d for d in next(iter(results.values()))["losses"] if d != "average"]
+    lines = ["| model | " + " | ".join(domains) + " | average |", "|---" * (len(domains) + 2) + "|"]
+    for name, result in results.items():
+        values = [result["losses"][d] for d in [*domains, "average"]]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def routing_table(result: dict[str, Any]) -> str:
+    """Markdown: for each domain, the share of its routed (token, expert) pairs that each expert receives."""
+    shares = result["routing_shares"]
+    if not shares:
+        return ""
+    experts = list(next(iter(shares.values())))
+    lines = ["| domain | " + " | ".join(experts) + " | experts/token |", "|---" * (len(experts) + 2) + "|"]
+    for domain, row in shares.items():
+        cells = " | ".join(f"{row[e]:.2f}" for e in experts)
+        lines.append(f"| {domain} | {cells} | {result['experts_per_token'][domain]:.2f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (passed to `remoe train`; the architecture comes from the checkpoint)")
+    group.add_argument("--config", help="YAML file with data/training sections (instead of --preset)")
+    group.add_argument("--preset", help="packaged preset for the data/training sections (default: tiny)")
+    group.add_argument("--max_steps", type=int)
+    group.add_argument("--per_device_train_batch_size", type=int)
+    group.add_argument("--gradient_accumulation_steps", type=int)
+    group.add_argument("--learning_rate", type=float)
+    group.add_argument("--logging_steps", type=int)
+    group.add_argument("--save_steps", type=int)
+    group.add_argument("--bf16", action="store_true", default=None)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--text_column")
+    group.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
+    group.add_argument("--block_size", type=int)
+    group.add_argument("--max_eval_blocks", type=int)
+    _add_controller_flags(group)
+
+
+def _add_controller_flags(group) -> None:
+    group.add_argument("--l1_coef_init", type=float, help="lambda_0 of the L1 controller (ReLU)")
+    group.add_argument("--l1_coef_multiplier", type=float, help="alpha of the L1 controller (ReLU)")
+    group.add_argument("--load_balance", choices=("refined_l1", "l1"))
+    group.add_argument("--router_aux_loss_coef", type=float, help="weight of the Switch balancing loss (TopK)")
+
+
+def _add_writer_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", required=True, help="folder of the new ReMoE checkpoint")
+    parser.add_argument("--dtype", help="dtype of the result, e.g. bfloat16 (default: the source's)")
+    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+
+
+def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def add_btx_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "btx",
+        help="Branch-Train-MiX: branch a seed into domain experts, mix them into an MoE, finetune, evaluate",
+        description="Branch-Train-MiX (Sukhbaatar et al. 2024) with ReLU (ReMoE) or TopK routing.",
+    )
+    steps = parser.add_subparsers(dest="btx_command", required=True)
+
+    branch_parser = steps.add_parser(
+        "branch",
+        help="train one expert per domain from a seed checkpoint",
+        description="Write one `remoe train` job per domain (or dataset) continuing the seed, and run them in order.",
+    )
+    branch_parser.add_argument("seed_model", help="dense seed: Llama / Mistral / Qwen2 or dense ReMoE folder")
+    branch_parser.add_argument("--output_dir", required=True, help="where seed/, expert-NAME/ and the job files go")
+    which = branch_parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--domains", nargs="+", help="one expert per domain of --dataset (builtin: code docs math)")
+    which.add_argument("--datasets", nargs="+", help="one expert per dataset (file, folder or Hub name)")
+    branch_parser.add_argument("--dataset", help="dataset of --domains (default: builtin)")
+    branch_parser.add_argument("--dry_run", action="store_true", help="write the job files only")
+    _add_train_flags(branch_parser)
+    branch_parser.set_defaults(run=_run_branch)
+
+    mix_parser = steps.add_parser(
+        "mix",
+        help="merge dense experts into one MoE checkpoint",
+        description="Each source's FFNs become one expert per layer; attention, norms and embeddings are averaged "
+        "(or taken from the seed); a new ReLU or TopK router is initialised.",
+    )
+    mix_parser.add_argument("sources", nargs="+", help="expert folders, or one `remoe btx branch` output folder")
+    mix_parser.add_argument("--seed_model", help="the seed (default: a branch folder's seed)")
+    mix_parser.add_argument("--seed_as_expert", action="store_true", help="add the seed as a generalist expert")
+    mix_parser.add_argument("--router_type", choices=conversion.MIX_ROUTER_TYPES, default="relu")
+    mix_parser.add_argument("--num_experts_per_tok", type=int, default=2, help="k (default 2)")
+    mix_parser.add_argument("--shared", choices=conversion.SHARED_MODES, default="average")
+    mix_parser.add_argument("--router_init", choices=conversion.ROUTER_INITS, default="random")
+    mix_parser.add_argument("--router_texts", nargs="+", help="centroid init: one text/jsonl file per source")
+    mix_parser.add_argument("--domains", nargs="+", help="centroid init: one domain of --dataset per source")
+    mix_parser.add_argument("--dataset", help="dataset of --domains (default: builtin)")
+    mix_parser.add_argument(
+        "--router_max_tokens", type=int, default=4096, help="centroid init: tokens per source (default 4096)"
+    )
+    mix_parser.add_argument("--split", type=int, default=1, help="cut every FFN into C experts (granularity)")
+    mix_parser.add_argument("--expert_names", nargs="+", help="one name per source (default: folder names)")
+    mix_parser.add_argument("--router_std", type=float, help="std of the random router (default: initializer_range)")
+    mix_parser.add_argument("--seed", type=int, default=0, help="random seed of the router")
+    _add_writer_flags(mix_parser)
+    _add_controller_flags(mix_parser)
+    mix_parser.set_defaults(run=_run_mix)
+
+    finetune_parser = steps.add_parser(
+        "finetune",
+        help="MoE finetuning of a mixed model on all domains",
+        description="`remoe train` continuing an MoE checkpoint: L1 controller (ReLU) or load balancing (TopK).",
+    )
+    finetune_parser.add_argument("model", help="a ReMoE MoE checkpoint (from mix, upcycle or convert)")
+    finetune_parser.add_argument("--output_dir", required=True)
+    finetune_parser.add_argument("--domains", nargs="+", help="train on these domains only (default: all)")
+    finetune_parser.add_argument("--dataset", help="dataset (default: builtin)")
+    finetune_parser.add_argument("--freeze_experts", action="store_true", help="train everything but the experts")
+    _add_train_flags(finetune_parser)
+    finetune_parser.set_defaults(run=_run_finetune)
+
+    eval_parser = steps.add_parser("eval", help="per-domain validation loss and routing shares (markdown)")
+    eval_parser.add_argument("models", nargs="+", help="checkpoint folders")
+    eval_parser.add_argument("--dataset", default="builtin")
+    eval_parser.add_argument("--block_size", type=int, default=128)
+    eval_parser.add_argument("--max_eval_blocks", type=int, default=64)
+    eval_parser.add_argument("--output_json", help="also write the numbers here")
+    eval_parser.set_defaults(run=_run_eval)
+
+
+def add_upcycle_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "upcycle",
+        help="sparse upcycling: a dense checkpoint becomes an MoE with E copies (or a split) of its FFN",
+        description="Sparse upcycling into a ReLU- or TopK-routed ReMoE checkpoint.",
+    )
+    parser.add_argument("source", help="dense checkpoint: Llama / Mistral / Qwen2 or dense ReMoE")
+    parser.add_argument("--num_experts", type=int, required=True, help="E")
+    parser.add_argument("--granularity", type=int, default=1, help="cut each expert into G finer experts")
+    parser.add_argument("--mode", choices=conversion.UPCYCLE_MODES, default="copy")
+    parser.add_argument("--router_type", choices=conversion.MIX_ROUTER_TYPES, default="relu")
+    parser.add_argument("--num_experts_per_tok", type=int, default=1, help="k")
+    parser.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to each copy")
+    parser.add_argument("--router_std", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    _add_writer_flags(parser)
+    _add_controller_flags(parser)
+    parser.set_defaults(run=_run_upcycle)
+
+
+def add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="Mixtral / ReMoE MoE -> ReMoE (ReLU or TopK); Llama / Mistral / Qwen2 -> dense ReMoE",
+        description="Convert a Transformers checkpoint into a ReMoE checkpoint.",
+    )
+    parser.add_argument("source", help="checkpoint folder")
+    parser.add_argument(
+        "--router_type",
+        choices=(*conversion.MIX_ROUTER_TYPES, "dense"),
+        help="MoE sources: relu (default; ReLU routing + controller) or topk (keeps the behaviour); dense sources: dense",
+    )
+    parser.add_argument("--num_experts_per_tok", type=int, help="k (default: the source's)")
+    _add_writer_flags(parser)
+    _add_controller_flags(parser)
+    parser.set_defaults(run=_run_convert)
+
+
+_CONTROLLER = conversion.CONTROLLER_FIELDS
+_WRITER = ("dtype", "max_shard_size", "overwrite")
+
+
+def _run_branch(args: argparse.Namespace) -> None:
+    options = _options(args, TRAIN_PASSTHROUGH)
+    result = branch(
+        args.seed_model,
+        args.output_dir,
+        domains=args.domains,
+        datasets=args.datasets,
+        train_options=options,
+        dry_run=args.dry_run,
+    )
+    print(f"\nremoe btx branch: {len(result['experts'])} expert jobs in {args.output_dir}/{BRANCH_FILE}")
+    for job in result["experts"]:
+        loss = job.get("metrics", {}).get("validation_loss")
+        shown = f"  validation_loss {loss:.4f}" if loss is not None else ""
+        print(f"  {job['name']}: {job['job']['output_dir']}{shown}")
+
+
+def _run_mix(args: argparse.Namespace) -> None:
+    names = (
+        "seed_as_expert",
+        "router_type",
+        "num_experts_per_tok",
+        "shared",
+        "split",
+        "router_std",
+        "router_max_tokens",
+        "seed",
+        *_WRITER,
+        *_CONTROLLER,
+    )
+    out = mix(
+        args.sources,
+        args.output_dir,
+        router_texts=args.router_texts,
+        domains=args.domains,
+        dataset=args.dataset,
+        seed_model=args.seed_model,
+        expert_names=args.expert_names,
+        router_init=args.router_init,
+        **_options(args, names),
+    )
+    print(f"remoe btx mix: wrote {out}")
+
+
+def _run_finetune(args: argparse.Namespace) -> None:
+    options = _options(args, (*TRAIN_PASSTHROUGH, "dataset"))
+    finetune(
+        args.model, args.output_dir, train_options=options, domains=args.domains, freeze_experts=args.freeze_experts
+    )
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    results = {}
+    for model in args.models:
+        results[Path(model).name] = evaluate_domains(
+            model, dataset=args.dataset, block_size=args.block_size, max_eval_blocks=args.max_eval_blocks
+        )
+    print(loss_table(results))
+    for name, result in results.items():
+        if result["routing_shares"]:
+            print(f"\nrouting shares of {name} (share of each domain's routed token-expert pairs):\n")
+            print(routing_table(result))
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _run_upcycle(args: argparse.Namespace) -> None:
+    names = ("granularity", "mode", "router_type", "num_experts_per_tok", "noise", "router_std", "seed")
+    out = conversion.upcycle(
+        args.source, args.output_dir, num_experts=args.num_experts, **_options(args, (*names, *_WRITER, *_CONTROLLER))
+    )
+    print(f"remoe upcycle: wrote {out}")
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    names = ("num_experts_per_tok", *_WRITER, *_CONTROLLER)
+    out = conversion.convert(args.source, args.output_dir, router_type=args.router_type, **_options(args, names))
+    print(f"remoe convert: wrote {out}")
