@@ -199,7 +199,7 @@ def run(args) -> list[dict]:
             calibration_steps = None
             if name == "remoe-relu":
                 calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
-            implementations = REMOE_IMPLEMENTATIONS if name.startswith("remoe") else TRANSFORMERS_IMPLEMENTATIONS
+            implementations = REMOE_IMPLEMENTATIONS if name.startswith("remoe") else args.transformers_implementations
             for implementation in implementations:
                 if implementation == "triton" and device.type != "cuda":
                     continue
@@ -237,6 +237,12 @@ def main() -> None:
     parser.add_argument("--decode_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calibration_steps", type=int, default=150)
+    parser.add_argument(
+        "--transformers_implementations",
+        nargs="+",
+        default=list(TRANSFORMERS_IMPLEMENTATIONS),
+        help="experts implementations of Mixtral / Qwen3-MoE to measure",
+    )
     parser.add_argument("--vocab_size", type=int, help="default: 4096 for tiny, 50304 otherwise")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")
     args = parser.parse_args()
