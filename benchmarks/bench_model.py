@@ -1,7 +1,8 @@
 """Model-level speed and memory: ReMoE (each experts implementation), our TopK, and Transformers' Mixtral and
 Qwen3-MoE built with the same dimensions, measured in one run so the ratios are fair.
 
-For every model and experts implementation: training-step tokens/s (forward, backward, AdamW step, and for ReMoE the
+All models are built first and timed in turns (round-robin, medians), so a change in the machine's load hits every
+contestant alike. For every model and experts implementation: training-step tokens/s (forward, backward, AdamW step, and for ReMoE the
 controller update) with peak memory, prefill tokens/s, and decode tokens/s with the KV cache. ReMoE is measured in its
 stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real controller
 (short training at a high learning rate); the experts per token seen while timing are reported.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -68,16 +70,6 @@ class PeakMemory:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], None], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def build_models(dims: dict, vocab_size: int) -> dict[str, Callable[[], torch.nn.Module]]:
@@ -152,37 +144,76 @@ def _greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return time.perf_counter() - start
 
 
-def measure(model: torch.nn.Module, tokens: torch.Tensor, decode_tokens: int, repeats: int) -> dict[str, float]:
-    device = tokens.device
-    batch, length = tokens.shape
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # same work as training, weights stay put
-    routed_tokens = []
+class Contestant:
+    """One (model, experts implementation) pair with its optimizer and the timings collected so far."""
 
-    def train_step():
-        model.train()
-        model(tokens, labels=tokens).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if isinstance(model, ReMoEForCausalLM):
-            routed_tokens.append(model.update_l1_coef().get("remoe/experts_per_token"))
+    def __init__(self, name: str, implementation: str, model: torch.nn.Module):
+        self.name, self.implementation, self.model = name, implementation, model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # same work as training, weights stay put
+        self.seconds: dict[str, list[float]] = {"train": [], "prefill": [], "decode": []}
+        self.experts_per_token: list[float] = []
+        self.peak_mib = float("nan")
+        self.error: str | None = None
 
-    with PeakMemory(device) as memory:
-        step_seconds = _timed(train_step, repeats, device)
-    model.eval()
-    with torch.no_grad():
-        prefill_seconds = _timed(lambda: model(tokens, use_cache=True), repeats, device)
-        prompt = tokens[:, : max(1, length // 4)]
-        _greedy_decode(model, prompt, 2)  # warm-up
-        decode_seconds = min(_greedy_decode(model, prompt, decode_tokens) for _ in range(2))
-    result = {
-        "train_tokens_per_s": batch * length / step_seconds,
-        "train_peak_mib": memory.peak_mib,
-        "prefill_tokens_per_s": batch * length / prefill_seconds,
-        "decode_tokens_per_s": batch * decode_tokens / decode_seconds,
-    }
-    if routed_tokens and routed_tokens[0] is not None:
-        result["experts_per_token"] = sum(routed_tokens) / len(routed_tokens)
-    return result
+    def train_step(self, tokens: torch.Tensor) -> None:
+        self.model.set_experts_implementation(self.implementation)
+        self.model.train()
+        self.model(tokens, labels=tokens).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.model, ReMoEForCausalLM):
+            self.experts_per_token.append(self.model.update_l1_coef()["remoe/experts_per_token"])
+
+    @torch.no_grad()
+    def inference(self, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+        self.model.set_experts_implementation(self.implementation)
+        self.model.eval()
+        _sync(tokens.device)
+        start = time.perf_counter()
+        self.model(tokens, use_cache=True)
+        _sync(tokens.device)
+        prefill = time.perf_counter() - start
+        return prefill, _greedy_decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
+
+    def result(self, tokens: torch.Tensor, decode_tokens: int) -> dict[str, float | str]:
+        if self.error:
+            return {"error": self.error}
+        batch, length = tokens.shape
+        median = {key: statistics.median(values) for key, values in self.seconds.items()}
+        result = {
+            "train_tokens_per_s": batch * length / median["train"],
+            "train_peak_mib": self.peak_mib,
+            "prefill_tokens_per_s": batch * length / median["prefill"],
+            "decode_tokens_per_s": batch * decode_tokens / median["decode"],
+        }
+        if self.experts_per_token:
+            result["experts_per_token"] = statistics.fmean(self.experts_per_token)
+        return result
+
+
+def measure_round_robin(contestants: list[Contestant], tokens: torch.Tensor, decode_tokens: int, repeats: int) -> None:
+    """Warm up each contestant once (measuring its peak memory), then time them in turns, `repeats` rounds, so a
+    change in the machine's load hits every contestant alike; medians are reported."""
+    for contestant in contestants:
+        try:
+            with PeakMemory(tokens.device) as memory:
+                contestant.train_step(tokens)
+            contestant.peak_mib = memory.peak_mib
+            contestant.inference(tokens, 2)
+        except Exception as error:  # an implementation that does not run here is reported, not fatal
+            contestant.error = f"{type(error).__name__}: {error}"[:200]
+    active = [contestant for contestant in contestants if contestant.error is None]
+    for round_index in range(repeats):
+        shift = round_index % max(len(active), 1)
+        for contestant in active[shift:] + active[:shift]:
+            _sync(tokens.device)
+            start = time.perf_counter()
+            contestant.train_step(tokens)
+            _sync(tokens.device)
+            contestant.seconds["train"].append(time.perf_counter() - start)
+            prefill, decode = contestant.inference(tokens, decode_tokens)
+            contestant.seconds["prefill"].append(prefill)
+            contestant.seconds["decode"].append(decode)
 
 
 def run(args) -> list[dict]:
@@ -193,27 +224,24 @@ def run(args) -> list[dict]:
         vocab_size = args.vocab_size or (4096 if preset == "tiny" else 50304)
         torch.manual_seed(0)
         tokens = torch.randint(0, vocab_size, (args.batch_size, args.seq_len), device=device)
+        contestants, calibration_steps = [], None
         for name, build in build_models(dims, vocab_size).items():
             torch.manual_seed(0)
             model = build().to(device)
-            calibration_steps = None
             if name == "remoe-relu":
                 calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
             implementations = REMOE_IMPLEMENTATIONS if name.startswith("remoe") else args.transformers_implementations
             for implementation in implementations:
-                if implementation == "triton" and device.type != "cuda":
-                    continue
-                try:
-                    model.set_experts_implementation(implementation)
-                    result = measure(model, tokens, args.decode_tokens, args.repeats)
-                except Exception as error:  # an implementation that does not run here is reported, not fatal
-                    result = {"error": f"{type(error).__name__}: {error}"[:200]}
-                row = {"preset": preset, "model": name, "experts": implementation, **result}
-                if calibration_steps is not None:
-                    row["calibration_steps"] = calibration_steps
-                rows.append(row)
-                print(_format_row(row), flush=True)
-            del model
+                if implementation != "triton" or device.type == "cuda":
+                    contestants.append(Contestant(name, implementation, model))
+        measure_round_robin(contestants, tokens, args.decode_tokens, args.repeats)
+        for contestant in contestants:
+            row = {"preset": preset, "model": contestant.name, "experts": contestant.implementation}
+            row.update(contestant.result(tokens, args.decode_tokens))
+            if contestant.name == "remoe-relu":
+                row["calibration_steps"] = calibration_steps
+            rows.append(row)
+            print(_format_row(row), flush=True)
     return rows
 
 
@@ -235,7 +263,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--decode_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds of the round-robin (medians are reported)")
     parser.add_argument("--calibration_steps", type=int, default=150)
     parser.add_argument(
         "--transformers_implementations",
