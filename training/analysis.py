@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import load_text_dataset, pack_dataset
+from .routing import active_experts
 
 
 class RoutingRecorder:
@@ -46,13 +47,6 @@ class RoutingRecorder:
         self.num_tokens += token_ids.size
 
 
-def _active_experts(router_logits: torch.Tensor, config) -> torch.Tensor:
-    if config.router_type == "relu":
-        return router_logits > 0
-    top = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
-    return torch.zeros_like(router_logits, dtype=torch.bool).scatter_(-1, top, True)
-
-
 @torch.no_grad()
 def record_routing(model, blocks, batch_size: int = 8) -> RoutingRecorder:
     """Run `blocks` (rows with `input_ids` and `domain`) through the model and record every routing decision."""
@@ -66,7 +60,7 @@ def record_routing(model, blocks, batch_size: int = 8) -> RoutingRecorder:
         rows = blocks[start : start + batch_size]
         input_ids = torch.tensor(rows["input_ids"], dtype=torch.long, device=device)
         router_logits = model(input_ids, output_router_logits=True, use_cache=False).router_logits
-        active = torch.stack([_active_experts(logits, config) for logits in router_logits])  # (L, B*S, E)
+        active = torch.stack([active_experts(logits, config) for logits in router_logits])  # (L, B*S, E)
         active = active.view(num_layers, *input_ids.shape, -1).cpu().numpy()
         for row, (ids, domain) in enumerate(zip(input_ids.cpu().numpy(), rows["domain"], strict=True)):
             recorder.add(ids, domain, active[:, row])

@@ -24,6 +24,8 @@ import torch
 
 from remoe import conversion
 
+from .routing import active_experts
+
 BRANCH_FILE = "btx_branch.json"
 JOB_FILE = "btx_job.json"
 # `remoe train` options that a branch / finetune job passes through (the architecture comes from the checkpoint).
@@ -376,7 +378,9 @@ def evaluate_domains(
             logits = output.logits[:, :-1].flatten(0, 1).float()
             loss_sum += torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten()).item() * len(batch)
             if is_moe:
-                layer_counts = torch.stack([_active(logits, config).sum(dim=0) for logits in output.router_logits])
+                layer_counts = torch.stack(
+                    [active_experts(logits, config).sum(dim=0).double() for logits in output.router_logits]
+                )
                 counts = layer_counts if counts is None else counts + layer_counts
                 active_tokens += batch.numel()
         results["losses"][domain] = loss_sum / len(blocks)
@@ -388,13 +392,6 @@ def evaluate_domains(
             results["experts_per_token"][domain] = float(counts.sum(dim=1).mean() / active_tokens)
     results["losses"]["average"] = sum(results["losses"].values()) / len(results["losses"])
     return results
-
-
-def _active(router_logits: torch.Tensor, config) -> torch.Tensor:
-    if config.router_type == "relu":
-        return (router_logits > 0).to(torch.float64)
-    top = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
-    return torch.zeros_like(router_logits, dtype=torch.float64).scatter_(1, top, 1.0)
 
 
 def loss_table(results: dict[str, dict[str, Any]]) -> str:

@@ -28,6 +28,7 @@ import datasets
 import torch
 
 from .data import DOMAINS, build_embedded_corpus, default_cache_dir
+from .routing import active_experts
 
 LOCAL_TASKS: dict[str, str] = {"remoe_arith": "math", "remoe_ppl_code": "code", "remoe_ppl_docs": "docs"}
 LOCAL_TAGS: dict[str, tuple[str, ...]] = {
@@ -186,7 +187,9 @@ def text_statistics(
             num_tokens += len(targets)
         if routed:
             valid = attention_mask.reshape(-1).bool().to(device)
-            counts = torch.stack([_active_gates(logits[valid], config) for logits in outputs.router_logits])
+            counts = torch.stack(
+                [active_experts(logits[valid], config).sum().double() for logits in outputs.router_logits]
+            )
             active = counts if active is None else active + counts
             positions += int(valid.sum())
 
@@ -205,12 +208,6 @@ def text_statistics(
         stats["routing_sparsity_per_layer"] = per_layer
         stats["_active"] = active  # summed over domains by `evaluate_checkpoint`, then dropped
     return stats
-
-
-def _active_gates(router_logits: torch.Tensor, config) -> torch.Tensor:
-    if config.router_type == "relu":
-        return (router_logits > 0).sum().double()
-    return torch.tensor(float(router_logits.shape[0] * config.num_experts_per_tok * config.granularity))
 
 
 # ------------------------------------------------------------------------------------------------- remoe eval

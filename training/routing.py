@@ -17,7 +17,7 @@ def routing_sparsity(model: ReMoEForCausalLM, input_ids: list[list[int]], batch_
     for start in range(0, len(input_ids), batch_size):
         batch = torch.tensor(input_ids[start : start + batch_size], device=device)
         router_logits = model(batch, output_router_logits=True, use_cache=False).router_logits
-        counts = torch.stack([_active_gates(logits, model.config) for logits in router_logits])
+        counts = torch.stack([active_experts(logits, model.config).sum().double() for logits in router_logits])
         active = counts if active is None else active + counts
         total += batch.numel()
     model.train(was_training)
@@ -29,10 +29,12 @@ def routing_sparsity(model: ReMoEForCausalLM, input_ids: list[list[int]], batch_
     return metrics
 
 
-def _active_gates(router_logits: torch.Tensor, config) -> torch.Tensor:
+def active_experts(router_logits: torch.Tensor, config) -> torch.Tensor:
+    """Which experts each token uses, `(T, E)` booleans: positive ReLU gates, or the top-k of the router logits."""
     if config.router_type == "relu":
-        return (router_logits > 0).sum().double()
-    return torch.tensor(float(router_logits.shape[0] * config.routed_top_k), dtype=torch.float64)
+        return router_logits > 0
+    top = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
+    return torch.zeros_like(router_logits, dtype=torch.bool).scatter_(-1, top, True)
 
 
 def parameter_counts(model: ReMoEForCausalLM) -> dict[str, int]:
