@@ -1,21 +1,26 @@
 """Model-level speed and memory: ReMoE (each experts implementation), our TopK, and Transformers' Mixtral and
 Qwen3-MoE built with the same dimensions, measured in one run so the ratios are fair.
 
-All models are built first and timed in turns (round-robin, medians), so a change in the machine's load hits every
-contestant alike. For every model and experts implementation: training-step tokens/s (forward, backward, AdamW step, and for ReMoE the
-controller update) with peak memory, prefill tokens/s, and decode tokens/s with the KV cache. ReMoE is measured in its
-stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real controller
-(short training at a high learning rate); the experts per token seen while timing are reported.
+The models are timed in turns (round-robin, rotating order, medians), so a change in the machine's load hits every
+contestant alike. For every model and experts implementation: training-step tokens/s (forward, backward, AdamW step, and
+for ReMoE the controller update) with the peak memory of a step above the model and its optimizer state, prefill
+tokens/s, and decode tokens/s with the KV cache. ReMoE is measured in its stable stage (III): before timing, its routers
+are brought to the target sparsity `1 - k/E` by the real controller (short training at a high learning rate); the
+experts per token seen while timing are reported. When all models would not fit in memory together (the 182m preset
+on a small machine), each is saved once and loaded back for its turns (`--swap_models`).
 
-    python benchmarks/bench_model.py --presets tiny 182m --output benchmarks/results/bench_model_cpu.json
+    python benchmarks/bench_model.py --presets tiny --output benchmarks/results/bench_model_cpu_tiny.json
+    python benchmarks/bench_model.py --presets 182m --batch_size 2 --transformers_implementations eager grouped_mm
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +28,8 @@ from pathlib import Path
 
 import psutil
 import torch
+import transformers
+from tqdm.auto import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from remoe import ReMoEConfig, ReMoEForCausalLM
@@ -30,6 +37,7 @@ from remoe.configuration import load_preset
 from remoe.kernels import IMPLEMENTATIONS as REMOE_IMPLEMENTATIONS
 
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+MODEL_NAMES = ("remoe-relu", "remoe-topk", "mixtral", "qwen3-moe")
 
 
 class PeakMemory:
@@ -144,29 +152,64 @@ def _greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int
     return time.perf_counter() - start
 
 
-class Contestant:
-    """One (model, experts implementation) pair with its optimizer and the timings collected so far."""
+class ModelUnderTest:
+    """One compared architecture, its experts implementations and the timings collected for each.
 
-    def __init__(self, name: str, implementation: str, model: torch.nn.Module):
-        self.name, self.implementation, self.model = name, implementation, model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # same work as training, weights stay put
-        self.seconds: dict[str, list[float]] = {"train": [], "prefill": [], "decode": []}
-        self.experts_per_token: list[float] = []
-        self.peak_mib = float("nan")
-        self.error: str | None = None
+    Resident, the model stays in memory between its turns. Swapped, it is saved once (safetensors) and loaded back with
+    `from_pretrained` for each turn, so that only one model is in memory at a time; the optimizer state is then rebuilt
+    by an untimed step at the start of every turn.
+    """
 
-    def train_step(self, tokens: torch.Tensor) -> None:
-        self.model.set_experts_implementation(self.implementation)
+    def __init__(self, name: str, model: torch.nn.Module, implementations: list[str], swap_dir: Path | None):
+        self.name, self.implementations, self.model_class = name, list(implementations), type(model)
+        self.model: torch.nn.Module | None = model
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.swap_path = None if swap_dir is None else swap_dir / name
+        if self.swap_path is not None:
+            model.save_pretrained(self.swap_path)
+            self.model = None
+        self.seconds = {
+            implementation: {"train": [], "prefill": [], "decode": []} for implementation in implementations
+        }
+        self.experts_per_token: dict[str, list[float]] = {implementation: [] for implementation in implementations}
+        self.peak_mib = dict.fromkeys(implementations, float("nan"))
+        self.errors: dict[str, str] = {}
+
+    @property
+    def working_implementations(self) -> list[str]:
+        return [implementation for implementation in self.implementations if implementation not in self.errors]
+
+    def load(self, tokens: torch.Tensor) -> None:
+        """Bring the model into memory with its optimizer state allocated, outside any measurement."""
+        if self.model is None:
+            self.model = self.model_class.from_pretrained(self.swap_path).to(tokens.device)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.0)  # same work as training, weights stay
+            for implementation in self.working_implementations:
+                try:
+                    self.train_step(implementation, tokens)
+                    return
+                except Exception as error:  # an implementation that does not run here is reported, not fatal
+                    self.errors[implementation] = f"{type(error).__name__}: {error}"[:200]
+                    self.optimizer.zero_grad(set_to_none=True)
+
+    def unload(self) -> None:
+        if self.swap_path is not None:
+            self.model = self.optimizer = None
+            gc.collect()
+
+    def train_step(self, implementation: str, tokens: torch.Tensor) -> None:
+        self.model.set_experts_implementation(implementation)
         self.model.train()
         self.model(tokens, labels=tokens).loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.model, ReMoEForCausalLM):
-            self.experts_per_token.append(self.model.update_l1_coef()["remoe/experts_per_token"])
+            self.experts_per_token[implementation].append(self.model.update_l1_coef()["remoe/experts_per_token"])
 
     @torch.no_grad()
-    def inference(self, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
-        self.model.set_experts_implementation(self.implementation)
+    def inference(self, implementation: str, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+        self.model.set_experts_implementation(implementation)
         self.model.eval()
         _sync(tokens.device)
         start = time.perf_counter()
@@ -175,45 +218,68 @@ class Contestant:
         prefill = time.perf_counter() - start
         return prefill, _greedy_decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
 
-    def result(self, tokens: torch.Tensor, decode_tokens: int) -> dict[str, float | str]:
-        if self.error:
-            return {"error": self.error}
+    def results(self, tokens: torch.Tensor, decode_tokens: int) -> dict[str, dict[str, float | str]]:
         batch, length = tokens.shape
-        median = {key: statistics.median(values) for key, values in self.seconds.items()}
-        result = {
-            "train_tokens_per_s": batch * length / median["train"],
-            "train_peak_mib": self.peak_mib,
-            "prefill_tokens_per_s": batch * length / median["prefill"],
-            "decode_tokens_per_s": batch * decode_tokens / median["decode"],
-        }
-        if self.experts_per_token:
-            result["experts_per_token"] = statistics.fmean(self.experts_per_token)
-        return result
+        results = {}
+        for implementation in self.implementations:
+            if implementation in self.errors:
+                results[implementation] = {"error": self.errors[implementation]}
+                continue
+            median = {key: statistics.median(values) for key, values in self.seconds[implementation].items()}
+            results[implementation] = {
+                "train_tokens_per_s": batch * length / median["train"],
+                "train_peak_mib": self.peak_mib[implementation],
+                "prefill_tokens_per_s": batch * length / median["prefill"],
+                "decode_tokens_per_s": batch * decode_tokens / median["decode"],
+            }
+            results[implementation]["train_seconds_per_round"] = [
+                round(seconds, 4) for seconds in self.seconds[implementation]["train"]
+            ]
+            if self.experts_per_token[implementation]:
+                results[implementation]["experts_per_token"] = statistics.fmean(self.experts_per_token[implementation])
+        return results
 
 
-def measure_round_robin(contestants: list[Contestant], tokens: torch.Tensor, decode_tokens: int, repeats: int) -> None:
-    """Warm up each contestant once (measuring its peak memory), then time them in turns, `repeats` rounds, so a
-    change in the machine's load hits every contestant alike; medians are reported."""
-    for contestant in contestants:
-        try:
-            with PeakMemory(tokens.device) as memory:
-                contestant.train_step(tokens)
-            contestant.peak_mib = memory.peak_mib
-            contestant.inference(tokens, 2)
-        except Exception as error:  # an implementation that does not run here is reported, not fatal
-            contestant.error = f"{type(error).__name__}: {error}"[:200]
-    active = [contestant for contestant in contestants if contestant.error is None]
-    for round_index in range(repeats):
-        shift = round_index % max(len(active), 1)
-        for contestant in active[shift:] + active[:shift]:
-            _sync(tokens.device)
-            start = time.perf_counter()
-            contestant.train_step(tokens)
-            _sync(tokens.device)
-            contestant.seconds["train"].append(time.perf_counter() - start)
-            prefill, decode = contestant.inference(tokens, decode_tokens)
-            contestant.seconds["prefill"].append(prefill)
-            contestant.seconds["decode"].append(decode)
+def _rotated(items: list, shift: int) -> list:
+    shift %= max(len(items), 1)
+    return items[shift:] + items[:shift]
+
+
+def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, decode_tokens: int, repeats: int) -> None:
+    """Warm up every implementation once (measuring the peak memory of a training step once the optimizer state
+    exists), then time the models in turns, `repeats` rounds, with the order rotating, so that a change in the
+    machine's load hits every contestant alike; medians are reported."""
+    for model in tqdm(models, desc="warm-up", leave=False):
+        model.load(tokens)
+        for implementation in model.working_implementations:
+            try:
+                with PeakMemory(tokens.device) as memory:
+                    model.train_step(implementation, tokens)
+                model.peak_mib[implementation] = memory.peak_mib
+                model.inference(implementation, tokens, 2)
+            except Exception as error:  # an implementation that does not run here is reported, not fatal
+                model.errors[implementation] = f"{type(error).__name__}: {error}"[:200]
+        model.unload()
+    for round_index in tqdm(range(repeats), desc="rounds", leave=False):
+        for model in _rotated(models, round_index):
+            model.load(tokens)
+            for implementation in _rotated(model.working_implementations, round_index):
+                _sync(tokens.device)
+                start = time.perf_counter()
+                model.train_step(implementation, tokens)
+                _sync(tokens.device)
+                model.seconds[implementation]["train"].append(time.perf_counter() - start)
+                prefill, decode = model.inference(implementation, tokens, decode_tokens)
+                model.seconds[implementation]["prefill"].append(prefill)
+                model.seconds[implementation]["decode"].append(decode)
+            model.unload()
+
+
+def training_bytes(build: Callable[[], torch.nn.Module]) -> int:
+    """Memory a model needs to train with AdamW (weights, gradients, two moments), counted on the meta device."""
+    with torch.device("meta"):
+        model = build()
+    return 4 * sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
 
 
 def run(args) -> list[dict]:
@@ -224,24 +290,38 @@ def run(args) -> list[dict]:
         vocab_size = args.vocab_size or (4096 if preset == "tiny" else 50304)
         torch.manual_seed(0)
         tokens = torch.randint(0, vocab_size, (args.batch_size, args.seq_len), device=device)
-        contestants, calibration_steps = [], None
-        for name, build in build_models(dims, vocab_size).items():
-            torch.manual_seed(0)
-            model = build().to(device)
-            if name == "remoe-relu":
-                calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
-            implementations = REMOE_IMPLEMENTATIONS if name.startswith("remoe") else args.transformers_implementations
-            for implementation in implementations:
-                if implementation != "triton" or device.type == "cuda":
-                    contestants.append(Contestant(name, implementation, model))
-        measure_round_robin(contestants, tokens, args.decode_tokens, args.repeats)
-        for contestant in contestants:
-            row = {"preset": preset, "model": contestant.name, "experts": contestant.implementation}
-            row.update(contestant.result(tokens, args.decode_tokens))
-            if contestant.name == "remoe-relu":
-                row["calibration_steps"] = calibration_steps
-            rows.append(row)
-            print(_format_row(row), flush=True)
+        builders = {name: build for name, build in build_models(dims, vocab_size).items() if name in args.models}
+        needed = sum(training_bytes(build) for build in builders.values())
+        available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+        swap = args.swap_models == "always" or (args.swap_models == "auto" and needed > 0.6 * available)
+        if swap:
+            transformers.utils.logging.disable_progress_bar()
+            print(
+                f"# {preset}: all models need {needed / 2**30:.1f} GiB to train, {available / 2**30:.1f} GiB free: "
+                "one model in memory at a time, loaded from safetensors for each turn",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory(prefix="bench_model_") as swap_root:
+            models, calibration_steps = [], None
+            for name, build in builders.items():
+                torch.manual_seed(0)
+                model = build().to(device)
+                if name == "remoe-relu":
+                    calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
+                implementations = (
+                    REMOE_IMPLEMENTATIONS if name.startswith("remoe") else args.transformers_implementations
+                )
+                implementations = [choice for choice in implementations if choice != "triton" or device.type == "cuda"]
+                models.append(ModelUnderTest(name, model, implementations, Path(swap_root) if swap else None))
+                del model
+            measure_round_robin(models, tokens, args.decode_tokens, args.repeats)
+        for model in models:
+            for implementation, result in model.results(tokens, args.decode_tokens).items():
+                row = {"preset": preset, "model": model.name, "experts": implementation, "swapped": swap, **result}
+                if model.name == "remoe-relu":
+                    row["calibration_steps"] = calibration_steps
+                rows.append(row)
+                print(_format_row(row), flush=True)
     return rows
 
 
@@ -266,10 +346,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="rounds of the round-robin (medians are reported)")
     parser.add_argument("--calibration_steps", type=int, default=150)
     parser.add_argument(
+        "--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), help="contestants (default: all)"
+    )
+    parser.add_argument(
         "--transformers_implementations",
         nargs="+",
         default=list(TRANSFORMERS_IMPLEMENTATIONS),
         help="experts implementations of Mixtral / Qwen3-MoE to measure",
+    )
+    parser.add_argument(
+        "--swap_models",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="keep one model in memory at a time, loading it from safetensors for each turn (auto: when all models "
+        "would not fit in 60%% of the free memory)",
     )
     parser.add_argument("--vocab_size", type=int, help="default: 4096 for tiny, 50304 otherwise")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")

@@ -93,6 +93,13 @@ class ReMoEConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self._check_values()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # from_pretrained sets keyword overrides after construction: check them too.
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._check_values()
+        return result
+
     def _check_values(self) -> None:
         """Raise `ValueError` naming the field for every invalid value (run at construction)."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -127,6 +134,11 @@ class ReMoEConfig(PreTrainedConfig):
             raise ValueError(f"`router_renormalize` applies to router_type='topk' only, got {self.router_type!r}")
         if self.moe_layer_freq < 1:
             raise ValueError(f"`moe_layer_freq` must be >= 1, got {self.moe_layer_freq}")
+        if self.router_type != "dense" and self.moe_layer_freq > self.num_hidden_layers:
+            raise ValueError(
+                f"`moe_layer_freq` ({self.moe_layer_freq}) must be <= num_hidden_layers ({self.num_hidden_layers}) so "
+                "that at least one layer is MoE; use router_type='dense' for a model without experts"
+            )
         if not math.isfinite(self.l1_coef_multiplier) or self.l1_coef_multiplier <= 1:
             raise ValueError(f"`l1_coef_multiplier` must be a finite number > 1, got {self.l1_coef_multiplier}")
         for name in ("l1_coef_init", "router_aux_loss_coef", "initializer_range", "attention_dropout"):

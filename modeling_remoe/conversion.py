@@ -1152,6 +1152,14 @@ def convert_moe(
             if num_experts_per_tok is None:
                 k = source_config.num_experts_per_tok
             dense_width = intermediate * k
+            # Routing settings of the source carry over when its router type is kept.
+            if router_type == "topk":
+                extra["router_aux_loss_coef"] = source_config.router_aux_loss_coef
+            if router_type == source_config.router_type == "topk":
+                extra["router_renormalize"] = source_config.router_renormalize
+            if router_type == source_config.router_type == "relu":
+                for name in ("l1_coef_init", "l1_coef_multiplier", "load_balance"):
+                    extra[name] = getattr(source_config, name)
         else:
             num_experts, granularity, intermediate, freq = arch.num_experts, 1, arch.ffn_size, 1
             dense_width = None

@@ -395,6 +395,7 @@ def l1_regularization_loss(
         gates = F.relu(logits.float())
         num_tokens, num_experts = gates.shape
         gate_sums = gates.sum(dim=0)
+        num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
         if load_balance == "refined_l1":
             frequency = (gates > 0).sum(dim=0).detach() * (num_experts / (num_experts_per_tok * num_tokens))
             gate_sums = gate_sums * frequency
@@ -408,8 +409,9 @@ def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: i
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
         num_tokens, num_experts = probs.shape
+        num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
         fraction = _topk_expert_counts(logits.detach().float(), top_k) / (num_tokens * top_k)
-        losses.append(num_experts * (fraction * probs.mean(dim=0)).sum())
+        losses.append(num_experts * (fraction * probs.sum(dim=0) / num_tokens).sum())
     return torch.stack(losses).mean()
 
 

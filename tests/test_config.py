@@ -25,6 +25,7 @@ from remoe import ReMoEConfig
         ("num_key_value_heads", {"num_attention_heads": 6, "num_key_value_heads": 4}),
         ("num_experts", {"num_experts": 0}),
         ("moe_layer_freq", {"moe_layer_freq": 0}),
+        ("moe_layer_freq", {"num_hidden_layers": 4, "moe_layer_freq": 5}),
         ("router_renormalize", {"router_type": "relu", "router_renormalize": True}),
     ],
 )
@@ -57,3 +58,10 @@ def test_round_trip_through_json(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = ReMoEConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
+
+
+def test_from_pretrained_overrides_are_checked_too(tmp_path):
+    ReMoEConfig().save_pretrained(tmp_path)
+    assert ReMoEConfig.from_pretrained(tmp_path, l1_coef_multiplier=1.5).l1_coef_multiplier == 1.5
+    with pytest.raises(ValueError, match="l1_coef_multiplier"):
+        ReMoEConfig.from_pretrained(tmp_path, l1_coef_multiplier=0.9)

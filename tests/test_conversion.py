@@ -227,6 +227,16 @@ def test_convert_mixtral_top2_of_4_keeps_the_logits(tmp_path):
     torch.testing.assert_close(logits(converted), logits(source), rtol=0, atol=1e-5)
 
 
+def test_converting_a_converted_topk_model_again_keeps_its_routing(tmp_path):
+    """A ReMoE TopK model made from Mixtral keeps `router_renormalize` (and its logits) through a second conversion."""
+    source = mixtral(num_experts=4, top_k=2)
+    source.save_pretrained(tmp_path / "mixtral")
+    conversion.convert(tmp_path / "mixtral", tmp_path / "remoe", router_type="topk")
+    again = load(conversion.convert(tmp_path / "remoe", tmp_path / "again", router_type="topk"))
+    assert again.config.router_renormalize and again.config.router_aux_loss_coef == source.config.router_aux_loss_coef
+    torch.testing.assert_close(logits(again), logits(source), rtol=0, atol=1e-5)
+
+
 def test_convert_mixtral_to_relu_reuses_the_centered_router(tmp_path):
     source = mixtral(num_experts=4, top_k=2)
     source.save_pretrained(tmp_path / "mixtral")

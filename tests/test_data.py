@@ -176,6 +176,17 @@ def test_packing(corpus, tokenizer, num_proc):
     assert set(splits) == {"train", "validation"} and splits["train"].num_rows > packed.num_rows
 
 
+def test_collated_labels_keep_end_of_text_when_pad_is_eos(corpus, tokenizer):
+    """Blocks are full length: every id is a label, also the eos tokens a pad-is-eos tokenizer would mask."""
+    packed = data.pack_dataset(corpus["validation"], tokenizer, 64)
+    features = [row for row in packed if tokenizer.eos_token_id in row["input_ids"]][:4]
+    assert features
+    batch = data.collate_blocks(features)
+    assert batch["input_ids"].shape == (len(features), 64) and batch["input_ids"].dtype.is_floating_point is False
+    assert batch["labels"].tolist() == [feature["input_ids"] for feature in features]
+    assert (batch["labels"] == tokenizer.eos_token_id).any()
+
+
 def test_packing_errors(corpus, tokenizer):
     with pytest.raises(ValueError, match="block_size"):
         data.pack_dataset(corpus["validation"], tokenizer, 10**8)

@@ -14,6 +14,7 @@ import random
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -44,17 +45,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _expert_layer_worker(rank: int, world_size: int, port: int, results) -> None:
+def _expert_layer_worker(
+    rank: int, world_size: int, port: int, results, implementation: str, expert_1_unused: bool
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     import deepspeed.comm.torch
 
     deepspeed.comm.torch.build_shm_op = lambda: None  # see tests/dist_workers.py
     from remoe.training.expert_parallel import ExpertParallelExperts, enable_expert_parallel
 
     torch.manual_seed(0)
-    config = tiny_config(num_experts=2, hidden_size=16, intermediate_size=24)
+    config = tiny_config(num_experts=2, hidden_size=16, intermediate_size=24, experts_implementation=implementation)
     reference = ReMoEExperts(config)
     torch.nn.init.normal_(reference.gate_up_proj, std=0.2)
     torch.nn.init.normal_(reference.down_proj, std=0.2)
@@ -63,6 +66,8 @@ def _expert_layer_worker(rank: int, world_size: int, port: int, results) -> None
     hidden = torch.randn(14, 16)
     gates = torch.rand(14, 2) * (torch.rand(14, 2) > 0.4)
     gates[:5] = torch.tensor([1.0, 0.0]) * torch.rand(5, 1)
+    if expert_1_unused:  # rank 1 receives no row at all
+        gates[:, 1] = 0.0
     rows = slice(0, 5) if rank == 0 else slice(5, 14)
     upstream = torch.randn(14, 16)
 
@@ -94,12 +99,16 @@ def _expert_layer_worker(rank: int, world_size: int, port: int, results) -> None
     dist.destroy_process_group()
 
 
-def test_expert_parallel_layer_forward_and_backward_match_the_full_layer():
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("expert_1_unused", [False, True], ids=["uneven", "empty-rank"])
+def test_expert_parallel_layer_forward_and_backward_match_the_full_layer(implementation, expert_1_unused):
     """One MoE layer's experts over 2 ranks (E=2, one expert per rank): outputs and the gradients of the inputs,
-    the gates (kept on the token's rank) and the expert weights (summed over both ranks' tokens) match one process."""
+    the gates (kept on the token's rank) and the expert weights (summed over both ranks' tokens) match one process,
+    also when one rank's expert receives no token (it must still join the backward all-to-all)."""
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_expert_layer_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    arguments = (2, _free_port(), results, implementation, expert_1_unused)
+    mp.spawn(_expert_layer_worker, args=arguments, nprocs=2, join=True)
     for rank in (0, 1):
         assert max(results[rank].values()) < 1e-6, results[rank]
 
@@ -383,3 +392,21 @@ def test_accelerate_launch_deepspeed_settings_are_checked_and_used(workspace, tm
     with pytest.raises(ValueError, match="ZeRO stage 3"):
         resolve(expert_parallel_size=2)
     assert resolve() == {"deepspeed": None, "expert_parallel_size": 1}  # ZeRO-3 without EP is fine
+
+
+def test_publishing_a_save_replaces_weights_and_keeps_other_files(tmp_path):
+    """The staged save's files replace the earlier save's weights (stale shards removed, other files kept), and the
+    earlier config.json is gone before any new weight lands."""
+    from remoe.training.distributed import _publish_files
+
+    target, staged = tmp_path / "out", tmp_path / "staged"
+    target.mkdir()
+    staged.mkdir()
+    for name in ("config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "model-card.md"):
+        (target / name).write_text("old")
+    (staged / "model.safetensors").write_text("new")
+    (staged / "config.json").write_text("new")
+    _publish_files(str(staged), str(target))
+    assert sorted(path.name for path in target.iterdir()) == ["config.json", "model-card.md", "model.safetensors"]
+    assert (target / "config.json").read_text() == "new" and (target / "model-card.md").read_text() == "old"
+    assert not staged.exists()

@@ -254,3 +254,16 @@ def test_regularisers_match_hand_computed_values():
     assert switch_load_balancing_loss(uniform, 2).item() == pytest.approx(1.0)
     skewed = (torch.tensor([[5.0, 0.0, 0.0, 0.0]] * 6),)
     assert switch_load_balancing_loss(skewed, 1).item() > 3.0
+
+
+def test_regularisers_are_zero_not_nan_for_a_batch_of_padding_only(make_config):
+    from remoe.modeling_remoe import l1_regularization_loss, switch_load_balancing_loss
+
+    empty = (torch.zeros(0, 4, requires_grad=True),)
+    for loss in (l1_regularization_loss(empty, 1, "refined_l1"), switch_load_balancing_loss(empty, 1)):
+        assert loss.item() == 0.0
+    for router_type in ("relu", "topk"):
+        model = remoe.ReMoEForCausalLM(make_config(router_type=router_type, router_aux_loss_coef=0.01))
+        input_ids = torch.randint(0, 97, (2, 6))
+        output = model(input_ids, attention_mask=torch.zeros_like(input_ids), labels=input_ids)
+        assert torch.isfinite(output.aux_loss), router_type

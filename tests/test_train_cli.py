@@ -99,6 +99,12 @@ def test_resume_continues_from_the_checkpoint_with_the_same_lambda(run_config, t
         (["--preset", "huge"], "preset"),
         (["--config", "missing.yaml"], "missing.yaml"),
         (["--dataset", "/no/such/file.jsonl"], "file.jsonl"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--vocab_size", "100"], "vocab_size"),
+        (["--expert_parallel_size", "0"], "expert_parallel_size"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint-7"], "checkpoint-7"),
     ],
 )
 def test_bad_input_fails_before_training_with_a_clear_message(run_config, tmp_path, capsys, flags, message):
@@ -114,15 +120,16 @@ def test_continue_from_a_checkpoint_on_some_domains_with_frozen_experts(run_conf
     assert main(["train", "--config", str(run_config), "--output_dir", str(base), "--max_steps", "2"]) == 0
     tuned = tmp_path / "tuned"
     args = ["train", "--config", str(run_config), "--model_name_or_path", str(base), "--output_dir", str(tuned)]
-    assert (
-        main([*args, "--domains", "math", "--freeze_experts", "--max_steps", "2", "--l1_coef_multiplier", "1.5"]) == 0
-    )
+    flags = ["--domains", "math", "--freeze_experts", "--max_steps", "2", "--l1_coef_multiplier", "1.5"]
+    assert main([*args, *flags, "--l1_coef_init", "0.5"]) == 0
 
     metrics = json.loads((tuned / "metrics.json").read_text())
     assert "validation_math_loss" in metrics and "validation_code_loss" not in metrics
     before = AutoModelForCausalLM.from_pretrained(base).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tuned)
     assert after.config.l1_coef_multiplier == 1.5
+    # lambda restarts from --l1_coef_init (not the checkpoint's), then moves x1.5 or /1.5 on each of the 2 steps
+    assert min(abs(after.l1_coef / (0.5 * 1.5**power) - 1) for power in (-2, 0, 2)) < 1e-5
     for name, tensor in after.state_dict().items():
         if ".mlp.experts." in name:
             assert torch.equal(tensor, before[name]), name
@@ -130,6 +137,8 @@ def test_continue_from_a_checkpoint_on_some_domains_with_frozen_experts(run_conf
 
     assert main([*args, "--num_experts", "8"]) == 2
     assert "num_experts" in capsys.readouterr().err
+    assert main([*args, "--l1_coef_multiplier", "0.9", "--output_dir", str(tmp_path / "bad")]) == 2
+    assert "l1_coef_multiplier" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["train", "--config", str(run_config), "--domains", "poetry", "--output_dir", str(tmp_path / "x")]) == 2
     assert "poetry" in capsys.readouterr().err
 
@@ -152,3 +161,24 @@ def test_compare_tabulates_mean_and_spread_over_seeds(run_config, tmp_path):
     stamp = (output / "relu-E4-seed0" / "metrics.json").stat().st_mtime
     assert main([*args, "--seeds", "0", "1", "--max_steps", "2", "--output_dir", str(output)]) == 0
     assert (output / "relu-E4-seed0" / "metrics.json").stat().st_mtime == stamp  # finished runs are reused
+
+
+def test_compare_checks_every_run_and_refuses_stale_ones(run_config, tmp_path, capsys):
+    output = tmp_path / "compare"
+    base = [
+        "compare",
+        "--config",
+        str(run_config),
+        "--router_types",
+        "relu",
+        "--seeds",
+        "0",
+        "--output_dir",
+        str(output),
+    ]
+    # E=1 cannot take k=2: found before the E=4 run trains
+    assert main([*base, "--num_experts", "4", "1", "--num_experts_per_tok", "2", "--max_steps", "2"]) == 2
+    assert "num_experts_per_tok" in capsys.readouterr().err and not (output / "relu-E4-seed0").exists()
+    assert main([*base, "--num_experts", "4", "--max_steps", "2"]) == 0
+    assert main([*base, "--num_experts", "4", "--max_steps", "3"]) == 2  # the finished run used 2 steps
+    assert "training.max_steps: 2 there, 3 asked" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from .analysis import add_analyze_parser
 from .btx import add_btx_parser, add_convert_parser, add_upcycle_parser
 from .compare import add_compare_parser
 from .evaluation import add_eval_parser
+from .generate import add_generate_parser
 
 
 def add_train_parser(subparsers) -> None:
@@ -81,6 +82,7 @@ SUBCOMMANDS = (
     add_compare_parser,
     add_analyze_parser,
     add_eval_parser,
+    add_generate_parser,
     add_push_parser,
     add_btx_parser,
     add_upcycle_parser,

@@ -8,11 +8,12 @@ import statistics
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .train import train
+from .train import resolve_run, train
 
 ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
 
@@ -36,18 +37,24 @@ def compare(
     if unknown:
         raise ValueError(f"--router_types must be among {sorted(ROUTER_COLORS)}, got {unknown}")
     output = Path(output_dir)
-    runs: dict[tuple[str, int], list[dict]] = {}
+    planned = []
     for router_type in router_types:
         for experts in num_experts if router_type != "dense" else num_experts[:1]:
             for seed in seeds:
                 run_dir = output / _run_name(router_type, experts, seed)
-                if not (run_dir / "metrics.json").exists():
-                    options = {**(train_options or {}), "preset": preset, "router_type": router_type, "seed": seed}
-                    options.update(num_experts=experts, output_dir=str(run_dir))
-                    train(options)
-                metrics = json.loads((run_dir / "metrics.json").read_text())
-                metrics["log_history"] = json.loads((run_dir / "log_history.json").read_text())
-                runs.setdefault((router_type, experts), []).append(metrics)
+                options = {**(train_options or {}), "preset": preset, "router_type": router_type, "seed": seed}
+                options.update(num_experts=experts, output_dir=str(run_dir))
+                expected = resolve_run(options)  # every configuration is checked before the first run trains
+                if (run_dir / "metrics.json").exists():
+                    _check_reusable(run_dir, expected)
+                planned.append((router_type, experts, run_dir, options))
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for router_type, experts, run_dir, options in planned:
+        if not (run_dir / "metrics.json").exists():
+            train(options)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics["log_history"] = json.loads((run_dir / "log_history.json").read_text())
+        runs.setdefault((router_type, experts), []).append(metrics)
     summary = _summarize(runs)
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -58,6 +65,26 @@ def compare(
         _plot_scaling(summary, output / "expert_scaling.png")
     print(table)
     return summary
+
+
+def _check_reusable(run_dir: Path, expected: dict[str, dict]) -> None:
+    """A finished run is reused only if it was trained with the settings asked for now."""
+    config_file = run_dir / "run_config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{run_dir} has metrics.json but no run_config.yaml; remove it or use another --output_dir")
+    saved = yaml.safe_load(config_file.read_text()) or {}
+    ignored = {"deepspeed", "expert_parallel_size"}
+    differences = [
+        f"{section}.{key}: {saved.get(section, {}).get(key)!r} there, {expected[section].get(key)!r} asked"
+        for section in ("model", "data", "training")
+        for key in sorted(set(saved.get(section, {})) | set(expected[section]), key=str)
+        if key not in ignored and saved.get(section, {}).get(key) != expected[section].get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"{run_dir} holds a finished run with other settings ({'; '.join(differences)}); "
+            "remove it or use another --output_dir"
+        )
 
 
 def _mean_spread(values: list[float]) -> dict[str, float]:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, default_data_collator
 
 logger = logging.getLogger(__name__)
 
@@ -429,6 +430,16 @@ def pack_dataset(
         {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string")}
     )
     return datasets.Dataset.from_dict({"input_ids": np.concatenate(blocks), "domain": domains}, features=features)
+
+
+def collate_blocks(features: list[dict]) -> dict[str, torch.Tensor]:
+    """A batch of packed fixed-length blocks for causal LM training: the labels are the inputs, every id counted.
+
+    Unlike `DataCollatorForLanguageModeling`, no label is masked where it equals the pad id, so end-of-text tokens
+    still count when a tokenizer's pad token is its eos token."""
+    batch = default_data_collator([{"input_ids": feature["input_ids"]} for feature in features])
+    batch["labels"] = batch["input_ids"].clone()
+    return batch
 
 
 def packed_splits(

@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import uuid
 from importlib import resources
@@ -125,7 +126,11 @@ def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict]) -> d
     checked against the model and the launcher's world size. Removes both keys from `run["training"]`."""
     training = run["training"]
     deepspeed = options.get("deepspeed") or training.pop("deepspeed", None)
-    ep_size = options.get("expert_parallel_size") or training.pop("expert_parallel_size", None) or 1
+    ep_size = options.get("expert_parallel_size")
+    if ep_size is None:
+        ep_size = training.pop("expert_parallel_size", None) or 1
+    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"expert_parallel_size must be an integer >= 1, got {ep_size!r}")
     training.pop("deepspeed", None)
     training.pop("expert_parallel_size", None)
     accelerate_deepspeed, accelerate_file = accelerate_deepspeed_env()
@@ -227,16 +232,19 @@ def _remove_if_empty(folder: str) -> None:
         os.rmdir(folder)
 
 
-_WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
 def _publish_files(staged: str, target: str) -> None:
-    """Move every entry of `staged` into `target` (config.json last, so a half-published save has no config)."""
+    """Move every entry of `staged` into `target`. An earlier save's config.json goes first and the new one comes
+    last, so a save interrupted halfway leaves a folder without config (never old config over new weights)."""
     os.makedirs(target, exist_ok=True)
     entries = sorted(os.listdir(staged), key=lambda name: (name == "config.json", name))
-    if any(name.startswith(_WEIGHT_PREFIXES) for name in entries):
+    if "config.json" in entries and os.path.isfile(os.path.join(target, "config.json")):
+        os.remove(os.path.join(target, "config.json"))
+    if any(_WEIGHT_FILE.fullmatch(name) for name in entries):
         for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite
-            if name.startswith(_WEIGHT_PREFIXES) and name not in entries and os.path.isfile(os.path.join(target, name)):
+            if _WEIGHT_FILE.fullmatch(name) and name not in entries and os.path.isfile(os.path.join(target, name)):
                 os.remove(os.path.join(target, name))
     for name in entries:
         source, destination = os.path.join(staged, name), os.path.join(target, name)

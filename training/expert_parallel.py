@@ -159,6 +159,10 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         gate_up_proj, down_proj = self.local_weights()
         implementation = self.config._experts_implementation
         expert_out = sparse_moe_mlp(received, unit_gates, gate_up_proj, down_proj, implementation=implementation)
+        if expert_out.grad_fn is None and torch.is_grad_enabled():
+            # No row reached this rank's experts and the path returned a constant: keep the graph connected so that
+            # this rank joins the backward all-to-all like the others, and its experts get zero gradients, not None.
+            expert_out = expert_out + (received.sum() + gate_up_proj.sum() + down_proj.sum()) * 0
         returned = all_to_all(expert_out, input_splits, output_splits, group)
 
         weighted = returned * gates[token_idx, expert_idx].to(returned.dtype)[:, None]

@@ -11,7 +11,6 @@ from typing import Any
 import yaml
 from transformers import (
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
     TrainingArguments,
     set_seed,
 )
@@ -20,7 +19,7 @@ from remoe import ReMoEConfig, ReMoEForCausalLM
 from remoe.configuration import load_preset
 
 from .controller import add_controller_callback
-from .data import load_or_train_tokenizer, load_text_dataset, packed_splits
+from .data import collate_blocks, load_or_train_tokenizer, load_text_dataset, packed_splits
 from .distributed import build_trainer, resolve_parallel_options, streaming_packed_splits
 from .plots import plot_training_curves
 from .routing import parameter_counts, routing_sparsity
@@ -62,6 +61,14 @@ def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
         raise ValueError(f"data.block_size must be >= 2, got {run['data'].get('block_size')}")
     if run["training"].get("max_steps", 0) < 1:
         raise ValueError(f"training.max_steps must be >= 1, got {run['training'].get('max_steps')}")
+    _check_training_section(run["training"])
+    if not (run["data"].get("tokenizer") or options.get("model_name_or_path")) and run["data"]["vocab_size"] < 258:
+        raise ValueError(
+            f"data.vocab_size must be >= 258 (256 bytes + 2 special tokens), got {run['data']['vocab_size']}"
+        )
+    resume = options.get("resume_from_checkpoint")
+    if isinstance(resume, str) and not Path(resume).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
     if options.get("model_name_or_path"):
         changed = [name for name in MODEL_FLAGS if options.get(name) is not None and name not in CONTINUATION_FLAGS]
         if changed:
@@ -69,12 +76,34 @@ def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
                 f"--model_name_or_path keeps the checkpoint's architecture; {', '.join(changed)} cannot be changed "
                 f"(allowed: {', '.join(CONTINUATION_FLAGS)})"
             )
-        config = ReMoEConfig.from_pretrained(options["model_name_or_path"])  # fails early on a bad folder
-        run["model"] = {name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None}
-        run["model"]["router_type"] = config.router_type
+        overrides = {name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None}
+        # Fails early on a bad folder or a bad override.
+        config = ReMoEConfig.from_pretrained(options["model_name_or_path"], **overrides)
+        run["model"] = {**overrides, "router_type": config.router_type}
     else:
         ReMoEConfig(**run["model"])  # validates the model section before any data work
     return run
+
+
+POSITIVE_INTEGER_FIELDS = (
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+)
+
+
+def _check_training_section(training: dict[str, Any]) -> None:
+    """The values `TrainingArguments` would only reject (or misuse) after the data work, checked up front."""
+    for name in POSITIVE_INTEGER_FIELDS:
+        value = training.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"training.{name} must be an integer >= 1, got {value!r}")
+    learning_rate = training.get("learning_rate")
+    if learning_rate is not None and not (isinstance(learning_rate, int | float) and learning_rate > 0):
+        raise ValueError(f"training.learning_rate must be > 0, got {learning_rate!r}")
 
 
 def _select_domains(corpus, domains: list[str] | None):
@@ -93,6 +122,8 @@ def build_model(options: dict[str, Any], model_cfg: dict, tokenizer) -> ReMoEFor
     if options.get("model_name_or_path"):
         overrides = {key: value for key, value in model_cfg.items() if key != "router_type"}
         model = ReMoEForCausalLM.from_pretrained(options["model_name_or_path"], **overrides)
+        if "l1_coef_init" in overrides and model.controller is not None:
+            model.controller.l1_coef.fill_(overrides["l1_coef_init"])  # the checkpoint's lambda would win otherwise
     else:
         config = ReMoEConfig(
             **model_cfg,
@@ -167,7 +198,7 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         args,
         expert_parallel_size=parallel["expert_parallel_size"],
         train_dataset=packed["train"],
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        data_collator=collate_blocks,
         processing_class=tokenizer,
     )
     controller = add_controller_callback(trainer)
@@ -177,7 +208,7 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     train_seconds = time.perf_counter() - start
     trainer.save_model(str(output_dir))
 
-    metrics = _final_metrics(trainer, model, packed["validation"], data_cfg, controller.history)
+    metrics = _final_metrics(trainer, model, packed["validation"], data_cfg)
     tokens = (train_output.global_step - controller.start_step) * _tokens_per_step(args, data_cfg)
     metrics.update(
         seed=seed,
@@ -204,7 +235,7 @@ def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
     )
 
 
-def _final_metrics(trainer, model, validation, data_cfg: dict, history: list[dict]) -> dict[str, Any]:
+def _final_metrics(trainer, model, validation, data_cfg: dict) -> dict[str, Any]:
     config = model.config
     eval_sets = _eval_sets(validation, data_cfg["max_eval_blocks"])
     trainer.args.dataloader_drop_last = False  # training keeps whole batches; evaluation sees every block
@@ -218,6 +249,8 @@ def _final_metrics(trainer, model, validation, data_cfg: dict, history: list[dic
     if config.router_type != "dense":
         batch_size = trainer.args.per_device_eval_batch_size
         metrics.update(routing_sparsity(model, eval_sets["all"]["input_ids"], batch_size=batch_size))
+        # The Trainer's log history (restored on resume) holds the controller's interval averages.
+        history = [entry for entry in trainer.state.log_history if "remoe/sparsity" in entry]
         tail = history[-max(1, len(history) // 10) :]
         if tail:
             metrics["train_sparsity_final"] = sum(h["remoe/sparsity"] for h in tail) / len(tail)
