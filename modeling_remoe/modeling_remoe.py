@@ -317,6 +317,7 @@ class ReMoEL1Controller(nn.Module):
         self.target_sparsity = config.target_sparsity
         self.multiplier = config.l1_coef_multiplier
         self.num_experts = config.num_routed_experts
+        self.num_moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
         self.register_buffer("l1_coef", torch.tensor(config.l1_coef_init, dtype=torch.float32))
         self.reset_statistics()
 
@@ -346,14 +347,20 @@ class ReMoEL1Controller(nn.Module):
     @torch.no_grad()
     def update(self, process_group=None, update_l1_coef: bool = True) -> dict[str, float]:
         """Reduce the step's statistics over the data-parallel group, update lambda once, and return the metrics."""
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if self.tokens_per_expert is None:
-            return {}
+            if not distributed:
+                return {}
+            # Nothing routed on this rank this step: still join the reduction the other ranks are in.
+            self.record(torch.zeros(self.num_moe_layers, self.num_experts, device=self.l1_coef.device), 0)
         totals = torch.cat([self.tokens_per_expert.flatten(), self.num_tokens.view(1)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed:
             torch.distributed.all_reduce(totals, group=process_group)
         tokens_per_expert = totals[:-1].view_as(self.tokens_per_expert)
         num_tokens = totals[-1]
         self.reset_statistics()
+        if num_tokens.item() == 0:
+            return {}
 
         layer_density = tokens_per_expert.sum(dim=1) / (num_tokens * self.num_experts)
         sparsity = 1.0 - layer_density.mean().item()

@@ -1,6 +1,7 @@
 import math
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
@@ -177,3 +178,30 @@ def test_sparsity_is_averaged_over_data_parallel_ranks_and_not_overwritten_by_dd
     assert sparsity_0 == sparsity_1 == pytest.approx(expected)
     assert coef_0 == coef_1
     assert math.isfinite(coef_0)
+
+
+def _idle_rank_worker(rank: int, world_size: int, port: int, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = ReMoEForCausalLM(tiny_config(num_experts=8, l1_coef_init=1e-3))
+    if rank == 0:  # rank 1 records nothing this step
+        tokens = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(tokens, labels=tokens)
+        results["counts"] = model.controller.tokens_per_expert.sum().item()
+    metrics = model.update_l1_coef()
+    results[rank] = (metrics["remoe/sparsity"], model.l1_coef)
+    results[f"empty-{rank}"] = model.update_l1_coef()  # no rank recorded anything: no update anywhere
+    results[f"lambda-{rank}"] = model.l1_coef
+    dist.destroy_process_group()
+
+
+def test_a_rank_without_statistics_joins_the_reduction():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_idle_rank_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    expected = 1 - results["counts"] / (32 * 2 * 8)  # rank 0's 32 tokens, 2 MoE layers, 8 experts
+    assert results[0][0] == results[1][0] == pytest.approx(expected)
+    assert results[0][1] == results[1][1]
+    assert results["empty-0"] == results["empty-1"] == {}
+    assert results["lambda-0"] == results["lambda-1"] == results[0][1]
