@@ -425,11 +425,10 @@ def _check_plan(plan: list[_PlannedTensor], model: ReMoEForCausalLM) -> None:
         )
 
 
-def _copy_side_files(first_source: Path, tokenizer_source: Path | None, folder: Path, config: ReMoEConfig) -> None:
-    source = tokenizer_source or first_source
+def _copy_side_files(first_source: Path, folder: Path, config: ReMoEConfig) -> None:
     for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, folder / name)
+        if (first_source / name).is_file():
+            shutil.copyfile(first_source / name, folder / name)
     if (first_source / "generation_config.json").is_file():
         shutil.copyfile(first_source / "generation_config.json", folder / "generation_config.json")
     else:
@@ -515,7 +514,6 @@ def _write_checkpoint(
     dtype: torch.dtype,
     sources: Sequence[SafetensorsCheckpoint],
     first_source: Path,
-    tokenizer_source: Path | None,
     info: dict[str, Any],
     max_shard_size: int | str,
     overwrite: bool,
@@ -552,7 +550,7 @@ def _write_checkpoint(
 
         custom_object_save(model, tmp, config=config)  # modeling_remoe.py + configuration_remoe.py, auto_map
         config.save_pretrained(tmp)
-        _copy_side_files(first_source, tokenizer_source, tmp, config)
+        _copy_side_files(first_source, tmp, config)
         (tmp / CONVERSION_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         tmp.chmod(0o755)
         if output_dir.exists():
@@ -595,9 +593,7 @@ def _controller_fields(options: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
-def _shared_plan(
-    arch: Architecture, sources: list[SafetensorsCheckpoint], layer: int | None
-) -> list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+def _shared_plan(arch: Architecture, sources: list[SafetensorsCheckpoint], layer: int | None) -> list[_PlannedTensor]:
     """Attention, norms (one layer) or embeddings/final norm/LM head (layer None) as the mean over `sources`.
 
     A Qwen2-style source (no o_proj bias) gets a zero o_proj bias, since ReMoE's `attention_bias` covers q, k, v and o.
@@ -609,10 +605,10 @@ def _shared_plan(
             shapes["lm_head.weight"] = (arch.vocab_size, arch.hidden_size)
     else:
         shapes = _attention_shapes(arch, layer)
-    entries = [(name, shape, _mean_of(sources, name)) for name, shape in shapes.items()]
+    entries = [_PlannedTensor(name, shape, _mean_of(sources, name)) for name, shape in shapes.items()]
     if layer is not None and arch.attention_bias == "qkv":
         name = f"model.layers.{layer}.self_attn.o_proj.bias"
-        entries.append((name, (arch.hidden_size,), lambda: torch.zeros(arch.hidden_size)))
+        entries.append(_PlannedTensor(name, (arch.hidden_size,), lambda: torch.zeros(arch.hidden_size)))
     return entries
 
 
@@ -871,10 +867,10 @@ def btx_mix(
                 ]
             )  # (L, experts, H)
 
-        plan = [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, shared_sources, None)]
+        plan = _shared_plan(arch, shared_sources, None)
         chunk = arch.ffn_size // split
         for layer in range(arch.num_hidden_layers):
-            plan += [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, shared_sources, layer)]
+            plan += _shared_plan(arch, shared_sources, layer)
             prefix = f"model.layers.{layer}.mlp."
 
             def router(layer: int = layer) -> torch.Tensor:
@@ -922,7 +918,6 @@ def btx_mix(
             dtype=out_dtype,
             sources=checkpoints,
             first_source=source_paths[0],
-            tokenizer_source=None,
             info=info,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
@@ -1013,9 +1008,9 @@ def upcycle(
             scale = noise * weight.to(torch.float32).std()
             return stacked + torch.randn(stacked.shape, generator=generator) * scale
 
-        plan = [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], None)]
+        plan = _shared_plan(arch, [checkpoint], None)
         for layer in range(arch.num_hidden_layers):
-            plan += [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], layer)]
+            plan += _shared_plan(arch, [checkpoint], layer)
             prefix = f"model.layers.{layer}.mlp."
 
             def gate_up(prefix: str = prefix, layer: int = layer) -> torch.Tensor:
@@ -1049,7 +1044,6 @@ def upcycle(
             dtype=out_dtype,
             sources=[checkpoint],
             first_source=source_path,
-            tokenizer_source=None,
             info=info,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
@@ -1083,9 +1077,9 @@ def to_dense_remoe(
             router_type="dense",
         )
         out_dtype = _resolve_dtype(dtype, checkpoint.dtype("model.embed_tokens.weight"))
-        plan = [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], None)]
+        plan = _shared_plan(arch, [checkpoint], None)
         for layer in range(arch.num_hidden_layers):
-            plan += [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], layer)]
+            plan += _shared_plan(arch, [checkpoint], layer)
             plan += [
                 _PlannedTensor(name, shape, lambda name=name: checkpoint.get(name))
                 for name, shape in _ffn_shapes(arch, layer).items()
@@ -1098,7 +1092,6 @@ def to_dense_remoe(
             dtype=out_dtype,
             sources=[checkpoint],
             first_source=source_path,
-            tokenizer_source=None,
             info=info,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
@@ -1192,9 +1185,9 @@ def convert_moe(
                 return weight - weight.mean(dim=0, keepdim=True)
             return weight
 
-        plan = [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], None)]
+        plan = _shared_plan(arch, [checkpoint], None)
         for layer in range(arch.num_hidden_layers):
-            plan += [_PlannedTensor(n, s, m) for n, s, m in _shared_plan(arch, [checkpoint], layer)]
+            plan += _shared_plan(arch, [checkpoint], layer)
             prefix = f"model.layers.{layer}."
             out = f"{prefix}mlp."
             if arch.moe_layout == "remoe" and not config.is_moe_layer(layer):
@@ -1252,7 +1245,6 @@ def convert_moe(
             dtype=out_dtype,
             sources=[checkpoint],
             first_source=source_path,
-            tokenizer_source=None,
             info=info,
             max_shard_size=max_shard_size,
             overwrite=overwrite,

@@ -23,6 +23,25 @@ def tiny_config(**overrides) -> remoe.ReMoEConfig:
     return remoe.ReMoEConfig(**values)
 
 
+def save_tiny_checkpoint(folder, texts: list[str], vocab_size: int, **overrides):
+    """A toy ReMoE model (tiny_config) with a BPE tokenizer trained on `texts`, saved together in `folder`; returns
+    the tokenizer."""
+    from remoe.training.data import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    config = tiny_config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    remoe.ReMoEForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 @pytest.fixture
 def make_config():
     return tiny_config

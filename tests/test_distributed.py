@@ -26,13 +26,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.trainer_utils import get_last_checkpoint
 
-import remoe
 from remoe.modeling_remoe import ReMoEExperts
-from remoe.training.data import train_tokenizer
 from remoe.training.distributed import packaged_deepspeed_config
 from remoe.training.train import train
 
-from .conftest import tiny_config
+from .conftest import save_tiny_checkpoint, tiny_config
 
 WORKER = Path(__file__).with_name("dist_workers.py")
 STEPS, SAVE_STEPS, KILL_AT = 6, 2, 6
@@ -140,29 +138,10 @@ def workspace(tmp_path_factory) -> Path:
     ]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(300)]
     (root / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
-    tokenizer = train_tokenizer(docs, vocab_size=300)
-    torch.manual_seed(0)
-    config = remoe.ReMoEConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        num_experts=4,
-        num_experts_per_tok=1,
-        initializer_range=0.05,
-        # Large enough to move the routing, small enough that no layer ever routes *no* token in a step: then the
-        # one-process experts get no gradient at all and torch's AdamW skips them, while DeepSpeed steps them with
-        # zero gradients (momentum), a legitimate difference that is not what these tests are about.
-        l1_coef_init=1e-3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    remoe.ReMoEForCausalLM(config).save_pretrained(root / "init")
-    tokenizer.save_pretrained(root / "init")
+    # l1_coef_init: large enough to move the routing, small enough that no layer ever routes *no* token in a step:
+    # then the one-process experts get no gradient at all and torch's AdamW skips them, while DeepSpeed steps them
+    # with zero gradients (momentum), a legitimate difference that is not what these tests are about.
+    tokenizer = save_tiny_checkpoint(root / "init", docs, vocab_size=300, l1_coef_init=1e-3)
     run = {
         "data": {"dataset": str(root / "data.jsonl"), "block_size": 16, "max_eval_blocks": 4},
         "training": {

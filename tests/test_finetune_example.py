@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-import remoe
-from remoe.training.data import train_tokenizer
+from .conftest import save_tiny_checkpoint
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "finetune_with_trainer.py"
 
@@ -35,26 +34,7 @@ def checkpoint(tmp_path_factory, example) -> Path:
     folder = tmp_path_factory.mktemp("base")
     rows = example.builtin_instructions()
     texts = [example.PROMPT.format(**row) + row["output"] for row in rows]
-    tokenizer = train_tokenizer(texts, vocab_size=320)
-    torch.manual_seed(0)
-    config = remoe.ReMoEConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        num_experts=4,
-        num_experts_per_tok=1,
-        initializer_range=0.05,
-        l1_coef_init=1e-4,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    remoe.ReMoEForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_checkpoint(folder, texts, vocab_size=320, max_position_embeddings=128, l1_coef_init=1e-4)
     return folder
 
 

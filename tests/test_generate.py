@@ -7,9 +7,8 @@ import torch
 
 import remoe
 from remoe.training.cli import main
-from remoe.training.data import train_tokenizer
 
-from .conftest import tiny_config
+from .conftest import save_tiny_checkpoint
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "12 + 30 = 42"] * 20
 
@@ -17,11 +16,7 @@ TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over t
 @pytest.fixture(scope="module", params=["relu", "topk"])
 def model_dir(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"generate-{request.param}")
-    tokenizer = train_tokenizer(TEXTS, vocab_size=300)
-    torch.manual_seed(0)
-    config = tiny_config(router_type=request.param, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    remoe.ReMoEForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_checkpoint(folder, TEXTS, vocab_size=300, router_type=request.param)
     return folder
 
 
