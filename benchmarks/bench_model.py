@@ -308,10 +308,9 @@ def run(args) -> list[dict]:
                 model = build().to(device)
                 if name == "remoe-relu":
                     calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
-                implementations = (
-                    REMOE_IMPLEMENTATIONS if name.startswith("remoe") else args.transformers_implementations
-                )
-                implementations = [choice for choice in implementations if choice != "triton" or device.type == "cuda"]
+                implementations = list(args.transformers_implementations)
+                if name.startswith("remoe") and device.type == "cuda" and "triton" in REMOE_IMPLEMENTATIONS:
+                    implementations.append("triton")
                 models.append(ModelUnderTest(name, model, implementations, Path(swap_root) if swap else None))
                 del model
             measure_round_robin(models, tokens, args.decode_tokens, args.repeats)
@@ -352,7 +351,7 @@ def main() -> None:
         "--transformers_implementations",
         nargs="+",
         default=list(TRANSFORMERS_IMPLEMENTATIONS),
-        help="experts implementations of Mixtral / Qwen3-MoE to measure",
+        help="Transformers experts implementations to measure, for every model (ReMoE adds triton on CUDA)",
     )
     parser.add_argument(
         "--swap_models",

@@ -225,13 +225,14 @@ def prepare_repo_folder(
 
     model = ReMoEForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as error:
         raise PushError(f"model_dir: no usable tokenizer in {str(model_dir)!r} ({error})") from error
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
+    _drop_loading_state(out_dir / "tokenizer_config.json")
     if not (out_dir / "generation_config.json").is_file():
         GenerationConfig.from_model_config(model.config).save_pretrained(out_dir)
     extra_files = []
@@ -281,6 +282,20 @@ def find_analysis_dir(model_dir: Path, analysis_dir: str | Path | None = None) -
         if (candidate / ANALYSIS_SUMMARY).is_file():
             return candidate
     return None
+
+
+# How this process loaded the tokenizer (Transformers saves them into tokenizer_config.json), not part of the tokenizer:
+# a published copy must not depend on the publisher's HF_HUB_OFFLINE.
+TOKENIZER_LOADING_KEYS = ("local_files_only", "is_local")
+
+
+def _drop_loading_state(tokenizer_config: Path) -> None:
+    if not tokenizer_config.is_file():
+        return
+    values = json.loads(tokenizer_config.read_text())
+    kept = {key: value for key, value in values.items() if key not in TOKENIZER_LOADING_KEYS}
+    if kept != values:
+        tokenizer_config.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
 
 
 def _analysis_files(analysis_dir: Path) -> list[Path]:
@@ -659,7 +674,6 @@ def render_model_card(
     analysis_rows, analysis_figures = _analysis(folder)
     eval_config = (eval_results or {}).get("config") or {}
     versions = (eval_results or {}).get("versions") or {}
-    implementation = getattr(config, "_experts_implementation", None)
     template_dir = resources.files("remoe.hub_cards") / "templates"
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(template_dir)),
@@ -692,12 +706,6 @@ def render_model_card(
         lm_eval_url=LM_EVAL_URL,
         remote_code_files=REMOTE_CODE_FILES,
         prompt="def fibonacci(n):",
-        experts_note=(
-            f"Experts implementation saved in the config: `{implementation}`; pass "
-            '`experts_implementation="eager"` to `from_pretrained` to override it.'
-            if implementation
-            else ""
-        ),
         num_shards=len(list(folder.glob("model*.safetensors"))),
         extra_files=sorted(extra_files or []),
     )

@@ -1,9 +1,13 @@
 """Sparse expert kernels for variable experts per token (ReLU routing), with torch fallbacks.
 
 `sparse_moe_mlp` runs one of `IMPLEMENTATIONS`: "eager" (a loop over the experts that received tokens),
-"grouped_mm" (`torch.nn.functional.grouped_mm` over the expert-sorted pairs) and, when Triton is installed, "triton"
-(the kernels of `remoe.kernels.triton_moe`, for CUDA tensors or for CPU tensors under `TRITON_INTERPRET=1`).
-Triton is imported on first use only: the interpreter must be switched on before `import triton`.
+"batched_mm" (one batched matmul over the pairs' gathered expert weights), "grouped_mm"
+(`torch.nn.functional.grouped_mm` over the expert-sorted pairs) and, when Triton is installed, "triton" (the kernels
+of `remoe.kernels.triton_moe`, for CUDA tensors or for CPU tensors under `TRITON_INTERPRET=1`). Triton is imported on
+first use only: the interpreter must be switched on before `import triton`.
+
+`triton_experts_forward` is the same kernels behind Transformers' experts contract
+`(module, hidden_states, top_k_index, top_k_weights)`, which the ReMoE model registers as `experts_implementation="triton"`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 
 from .torch_moe import (
     DispatchPlan,
+    batched_mm_sparse_moe_mlp,
     build_dispatch_plan,
     dense_reference_moe_mlp,
     grouped_mm_sparse_moe_mlp,
@@ -24,7 +29,7 @@ from .torch_moe import (
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
-IMPLEMENTATIONS = ("eager", "grouped_mm", "triton") if _TRITON_INSTALLED else ("eager", "grouped_mm")
+IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm", *(("triton",) if _TRITON_INSTALLED else ()))
 
 
 def _triton_interpreter_enabled() -> bool:
@@ -42,16 +47,28 @@ def _triton_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj) -> tor
     return triton_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj)
 
 
-_FUNCTIONS = {"eager": looped_sparse_moe_mlp, "grouped_mm": grouped_mm_sparse_moe_mlp}
+_FUNCTIONS = {
+    "eager": looped_sparse_moe_mlp,
+    "batched_mm": batched_mm_sparse_moe_mlp,
+    "grouped_mm": grouped_mm_sparse_moe_mlp,
+}
 if _TRITON_INSTALLED:
     _FUNCTIONS["triton"] = _triton_sparse_moe_mlp
 
 
 def default_implementation(device: torch.device | str) -> str:
-    """The fastest correct implementation available for `device`: "triton" on CUDA when Triton is installed."""
-    if torch.device(device).type == "cuda" and _TRITON_INSTALLED:
-        return "triton"
+    """The default for `device`: "grouped_mm" where torch has it (Triton stays opt-in until it is measured ahead)."""
     return "grouped_mm" if hasattr(F, "grouped_mm") else "eager"
+
+
+def triton_experts_forward(
+    module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The Triton kernels behind Transformers' experts contract: rows (R, H) routed to `top_k_index (R, K)` with
+    `top_k_weights (R, K)`; `module` holds `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`."""
+    gates = hidden_states.new_zeros(hidden_states.shape[0], module.gate_up_proj.shape[0], dtype=top_k_weights.dtype)
+    gates = gates.scatter(1, top_k_index, top_k_weights)
+    return sparse_moe_mlp(hidden_states, gates, module.gate_up_proj, module.down_proj, implementation="triton")
 
 
 def _check_shapes(hidden_states, gates, gate_up_proj, down_proj) -> None:
@@ -98,4 +115,5 @@ __all__ = [
     "default_implementation",
     "dense_reference_moe_mlp",
     "sparse_moe_mlp",
+    "triton_experts_forward",
 ]

@@ -101,6 +101,19 @@ def looped_sparse_moe_mlp(
     return output
 
 
+def batched_mm_sparse_moe_mlp(
+    hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """Sparse expert MLP as one batched matmul per projection over the pairs' own copies of their expert weights
+    (memory grows with the pair count: meant for decoding a few tokens, like Transformers' `batched_mm`)."""
+    plan = build_dispatch_plan(gates)
+    rows = hidden_states[plan.token_idx]
+    gate_up = torch.bmm(gate_up_proj[plan.expert_idx], rows.unsqueeze(-1)).squeeze(-1)
+    expert_out = torch.bmm(down_proj[plan.expert_idx], _swiglu(gate_up).unsqueeze(-1)).squeeze(-1)
+    weighted = expert_out * plan.weights.to(expert_out.dtype)[:, None]
+    return torch.zeros_like(hidden_states).index_add_(0, plan.token_idx, weighted.to(hidden_states.dtype))
+
+
 def dense_reference_moe_mlp(
     hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:

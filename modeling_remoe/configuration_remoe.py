@@ -4,11 +4,17 @@ import math
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_TYPES = ("relu", "topk", "dense")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
-EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "triton")
+
+
+def experts_implementations() -> tuple[str, ...]:
+    """The experts implementations ReMoE accepts: Transformers' (`eager`, `batched_mm`, `grouped_mm`, ...) and the
+    project's `triton` kernels (which need the `remoe` package)."""
+    return ("eager", *ALL_EXPERTS_FUNCTIONS, "triton")
 
 
 @strict
@@ -28,8 +34,9 @@ class ReMoEConfig(PreTrainedConfig):
         router_aux_loss_coef (`float`, defaults to 0.01): weight of the Switch load-balancing loss (TopK only).
         router_renormalize (`bool`, defaults to `False`): TopK only: divide the k kept softmax probabilities by their
             sum (Mixtral, Qwen3-MoE `norm_topk_prob`); ReMoE's TopK baseline keeps them as they are (Megatron).
-        experts_implementation (`str`, *optional*): `"eager"`, `"grouped_mm"` or `"triton"`; default: `"triton"` on
-            CUDA when Triton is installed, else `"grouped_mm"`. Transformers keeps it in `config._experts_implementation`.
+        experts_implementation (`str`, *optional*): one of Transformers' experts implementations (`"eager"`,
+            `"batched_mm"`, `"grouped_mm"`, ...) or `"triton"` (the project's kernels); default: `"grouped_mm"` where
+            it runs, else `"eager"`. Transformers keeps it in `config._experts_implementation`.
 
     Example:
 
@@ -40,7 +47,7 @@ class ReMoEConfig(PreTrainedConfig):
     ```"""
 
     model_type = "remoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache's name since / before Transformers 5.24
     default_theta = 1000000.0
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -114,9 +121,10 @@ class ReMoEConfig(PreTrainedConfig):
             raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.load_balance not in LOAD_BALANCE_TYPES:
             raise ValueError(f"`load_balance` must be one of {LOAD_BALANCE_TYPES}, got {self.load_balance!r}")
-        if self._experts_implementation not in (None, *EXPERTS_IMPLEMENTATIONS):
+        if self._experts_implementation not in (None, *experts_implementations()):
             raise ValueError(
-                f"`experts_implementation` must be one of {EXPERTS_IMPLEMENTATIONS}, got {self._experts_implementation!r}"
+                f"`experts_implementation` must be one of {experts_implementations()}, "
+                f"got {self._experts_implementation!r}"
             )
         if self.num_experts < 1:
             raise ValueError(f"`num_experts` must be >= 1, got {self.num_experts}")

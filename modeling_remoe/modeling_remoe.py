@@ -1,9 +1,11 @@
 """ReMoE: a LLaMA-style decoder with ReLU-routed (or TopK-routed, or dense) Mixture-of-Experts FFNs.
 
-This file is also shipped as Hub remote code: it imports only torch, transformers and its sibling configuration file;
-the `remoe.kernels` package is optional (without it the `eager` experts implementation runs).
+This file is also shipped as Hub remote code: it imports only torch, transformers and its sibling configuration file.
+The experts run through Transformers' experts implementations (`eager`, `batched_mm`, `grouped_mm`, ...); the
+`remoe.kernels` package is optional and adds `triton`.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -13,27 +15,35 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_remoe import EXPERTS_IMPLEMENTATIONS, ReMoEConfig
+from .configuration_remoe import ReMoEConfig
 
+# Transformers' experts functions (`batched_mm`, `grouped_mm`, ...), plus the Triton kernels when `remoe` is installed.
+REMOE_EXPERTS_FUNCTIONS = ExpertsInterface()
 try:
-    from remoe.kernels import default_implementation as _default_experts_implementation
-    from remoe.kernels import sparse_moe_mlp as _sparse_moe_mlp
-except ImportError:  # remote code without the `remoe` package: the eager loop is always available
-    _sparse_moe_mlp = None
+    from remoe.kernels import IMPLEMENTATIONS as _KERNEL_IMPLEMENTATIONS
+    from remoe.kernels import triton_experts_forward
 
-    def _default_experts_implementation(device: torch.device) -> str:
-        return "eager"
+    if "triton" in _KERNEL_IMPLEMENTATIONS:
+        REMOE_EXPERTS_FUNCTIONS["triton"] = triton_experts_forward
+except ImportError:  # remote code without the `remoe` package: Transformers' implementations only
+    pass
 
+# Transformers 5.24 renamed the cache argument and output field from `past_key_values` to `cache`; older releases
+# pass and read `past_key_values`. Everything that crosses into Transformers uses the installed release's name.
+CACHE_NAME = (
+    "cache" if "cache" in {field.name for field in dataclasses.fields(MoeModelOutputWithPast)} else "past_key_values"
+)
 
 logger = logging.get_logger(__name__)
 
@@ -148,7 +158,7 @@ class ReMoEAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -159,8 +169,8 @@ class ReMoEAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -217,38 +227,39 @@ class ReMoERouter(nn.Module):
         return router_logits, gates.to(hidden_states.dtype)
 
 
+@use_experts_implementation(experts_interface=REMOE_EXPERTS_FUNCTIONS)
 class ReMoEExperts(nn.Module):
-    """E SwiGLU experts stored as 3D tensors; each token uses the experts whose gate is nonzero (0..E of them)."""
+    """E SwiGLU experts stored as 3D tensors, with Mixtral's experts contract: `forward(hidden_states (R, H),
+    top_k_index (R, K), top_k_weights (R, K)) -> (R, H)`, so every Transformers experts implementation applies.
+
+    ReLU routing gives each token any number of experts: `ReMoESparseMoeBlock` then passes one row per nonzero
+    (token, expert) pair with K = 1, which every implementation computes exactly (no padding, no dropped pairs).
+    """
 
     def __init__(self, config: ReMoEConfig):
         super().__init__()
-        self.config = config
         self.num_experts = config.num_routed_experts
         intermediate = config.expert_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * intermediate, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, intermediate))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        implementation = self.config._experts_implementation or _default_experts_implementation(hidden_states.device)
-        if implementation != "eager" and _sparse_moe_mlp is not None:
-            return _sparse_moe_mlp(
-                hidden_states, gates, self.gate_up_proj, self.down_proj, implementation=implementation
-            )
-        return self._eager_forward(hidden_states, gates)
-
-    def _eager_forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Reference: a loop over the experts that received at least one token."""
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`eager`: a loop over the experts that received at least one row."""
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            active = gates > 0
-            experts_hit = active.any(dim=0).nonzero().flatten().tolist()
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, K, R)
+            experts_hit = expert_mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+        # One unbind instead of E indexing ops: their backward would allocate a full-size weight gradient per expert.
+        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         for expert_idx in experts_hit:
-            token_idx = active[:, expert_idx].nonzero().flatten()
-            gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
-            expert_out = expert_out * gates[token_idx, expert_idx, None]
-            final_hidden_states.index_add_(0, token_idx, expert_out.to(final_hidden_states.dtype))
+            top_k_pos, row_idx = torch.where(expert_mask[expert_idx])
+            gate, up = F.linear(hidden_states[row_idx], gate_up_weights[expert_idx]).chunk(2, dim=-1)
+            expert_out = F.linear(self.act_fn(gate) * up, down_weights[expert_idx])
+            expert_out = expert_out * top_k_weights[row_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, row_idx, expert_out.to(final_hidden_states.dtype))
         return final_hidden_states
 
 
@@ -257,13 +268,26 @@ class ReMoESparseMoeBlock(nn.Module):
         super().__init__()
         self.router = ReMoERouter(config)
         self.experts = ReMoEExperts(config)
+        self.top_k = config.routed_top_k if config.router_type == "topk" else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, hidden_dim)
         _, gates = self.router(hidden_states)
-        hidden_states = self.experts(hidden_states, gates)
+        if self.top_k is not None:
+            top_k_weights, top_k_index = torch.topk(gates, self.top_k, dim=-1)
+            hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
+        else:
+            hidden_states = experts_over_active_pairs(self.experts, hidden_states, gates)
         return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+def experts_over_active_pairs(experts: nn.Module, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """`sum_e gates[:, e] * expert_e(hidden_states)` for gates (T, E) with any number of nonzeros per token: the
+    experts get one row per nonzero (token, expert) pair (K = 1), and the outputs are summed back per token."""
+    expert_idx, token_idx = (gates.detach() != 0).t().nonzero(as_tuple=True)  # pairs grouped by expert
+    pair_outputs = experts(hidden_states[token_idx], expert_idx[:, None], gates[token_idx, expert_idx, None])
+    return torch.zeros_like(hidden_states).index_add_(0, token_idx, pair_outputs.to(hidden_states.dtype))
 
 
 class ReMoEDecoderLayer(GradientCheckpointingLayer):
@@ -284,9 +308,13 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        # The cache arrives under the installed Transformers' name (`CACHE_NAME`), which is the name
+        # `GradientCheckpointingLayer` looks for when it drops the cache under gradient checkpointing.
+        cache = cache if cache is not None else past_key_values
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -294,7 +322,7 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -322,10 +350,12 @@ class ReMoEL1Controller(nn.Module):
         self.reset_statistics()
 
     def _apply(self, fn, recurse: bool = True):
-        # lambda stays fp32 whatever dtype the model is cast to; only its device follows.
-        l1_coef = self.l1_coef.detach().clone()
+        # lambda stays fp32 whatever dtype the model is cast to (`model.to(torch.bfloat16)`); only its device follows.
+        l1_coef = self.l1_coef
         super()._apply(fn, recurse)
-        self.l1_coef = l1_coef.to(device=self.l1_coef.device)
+        if self.l1_coef.dtype != torch.float32:
+            moved = torch.empty_like(self.l1_coef, dtype=torch.float32)
+            self.l1_coef = moved if l1_coef.is_meta else moved.copy_(l1_coef)
         return self
 
     def reset_statistics(self) -> None:
@@ -428,12 +458,12 @@ class ReMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ReMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules_strict = ["controller"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(ReMoERouter, index=0),
         "hidden_states": ReMoEDecoderLayer,
@@ -452,23 +482,17 @@ class ReMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ReMoEL1Controller):
             init.constant_(module.l1_coef, self.config.l1_coef_init)
 
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True
-
-    def get_correct_experts_implementation(self, requested_experts: str | None) -> str | None:
-        """Our experts take variable-k ReLU routes, so we accept our own implementations (None: best for the device),
-        never Transformers' fixed-k `ALL_EXPERTS_FUNCTIONS`."""
-        if requested_experts not in (None, *EXPERTS_IMPLEMENTATIONS):
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Transformers' names (`eager`, `batched_mm`, `grouped_mm`, ...) and, with `remoe` installed, `triton`."""
+        if requested_experts not in (None, "eager", *REMOE_EXPERTS_FUNCTIONS):
+            hint = " (needs the `remoe` package and triton)" if requested_experts == "triton" else ""
             raise ValueError(
-                f"`experts_implementation` must be one of {EXPERTS_IMPLEMENTATIONS} for ReMoE, got {requested_experts!r}"
+                f"`experts_implementation` must be one of {['eager', *REMOE_EXPERTS_FUNCTIONS]} for ReMoE, "
+                f"got {requested_experts!r}{hint}"
             )
-        if requested_experts not in (None, "eager") and _sparse_moe_mlp is None:
-            logger.warning_once(
-                f"experts_implementation={requested_experts!r} needs the `remoe` package; using 'eager' instead."
-            )
-            return "eager"
-        return requested_experts
+        if requested_experts == "triton":
+            return requested_experts
+        return super().get_correct_experts_implementation(requested_experts)
 
 
 class ReMoEModel(ReMoEPreTrainedModel):
@@ -492,19 +516,21 @@ class ReMoEModel(ReMoEPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -512,8 +538,8 @@ class ReMoEModel(ReMoEPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE_NAME: cache},
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -522,13 +548,13 @@ class ReMoEModel(ReMoEPreTrainedModel):
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                **{CACHE_NAME: cache},
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
 
 class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
@@ -544,6 +570,8 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.controller = ReMoEL1Controller(config) if config.router_type != "dense" else None
+        # lambda is fp32 model state, also when the model is loaded in bf16 or fp16 (dense models have none).
+        self._keep_in_fp32_modules_strict = ["controller"] if self.controller is not None else []
         self.post_init()
 
     def update_l1_coef(self, process_group=None) -> dict[str, float]:
@@ -563,14 +591,16 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
+        cache = _cache_argument(cache, past_key_values)
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
@@ -580,14 +610,14 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=has_router and (output_router_logits or regularize),
+            **{CACHE_NAME: cache},
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(outputs.last_hidden_state[:, slice_indices, :])
 
         loss = None
         if labels is not None:
@@ -612,11 +642,22 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+
+def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache from `cache` or its pre-5.24 name `past_key_values` (deprecated where `cache` exists)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both")
+    if CACHE_NAME == "cache":
+        logger.warning_once("`past_key_values` is deprecated since Transformers 5.24; pass the KV cache as `cache`")
+    return past_key_values
 
 
 def _valid_token_rows(

@@ -5,15 +5,11 @@
 OPTIONS.json holds the `train()` options plus `probe`: token ids (B, S) whose logits and loss each run records right
 after the model is set up (B split over the ranks, like a global batch) and after training (the whole batch on every
 rank). Each rank writes RESULTS_DIR/rank<R>.pt with those, its lambda history, and the batches it trained on.
-`REMOE_TEST_KILL_AT_SAVE=N` SIGKILLs rank 0 in the middle of writing checkpoint-N (after the model and the DeepSpeed
-state, before the Trainer state): a crash while saving.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -87,18 +83,9 @@ def main(options_path: str, results_dir: str) -> None:
         record["batches"].append(inputs["input_ids"].cpu().tolist())
         return original_training_step(self, model, inputs, *args, **kwargs)
 
-    kill_at = int(os.environ.get("REMOE_TEST_KILL_AT_SAVE", "0"))
-    original_save_rng_state = Trainer._save_rng_state
-
-    def save_rng_state(self, output_dir):
-        if self.state.global_step == kill_at and self.args.process_index == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original_save_rng_state(self, output_dir)
-
     train_module.build_trainer = build_trainer
     train_module.add_controller_callback = add_controller_callback
     Trainer.training_step = training_step
-    Trainer._save_rng_state = save_rng_state
 
     metrics = train_module.train(options)
     model = record["trainer"].model

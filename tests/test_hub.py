@@ -108,6 +108,10 @@ def test_dry_run_writes_the_hub_repository_layout(repo_folder, model_dir):
         *shards,
     }
     assert files == expected  # no training_args.bin (pickle), no checkpoint-*/ or runs/
+    tokenizer_config = json.loads((repo_folder / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(
+        tokenizer_config
+    )  # how we loaded it, whatever HF_HUB_OFFLINE says
     config = json.loads((repo_folder / "config.json").read_text())
     assert config["model_type"] == "remoe"
     assert config["auto_map"] == {
@@ -228,8 +232,11 @@ REMOTE_LOAD = textwrap.dedent(
     class RefusingUnpickler(pickle.Unpickler):
         load = refuse
 
+    class RefusingPythonUnpickler(pickle._Unpickler):  # keeps `dispatch`, which importers (sklearn) read
+        load = refuse
+
     torch.load = pickle.load = pickle.loads = refuse
-    pickle.Unpickler = pickle._Unpickler = RefusingUnpickler
+    pickle.Unpickler, pickle._Unpickler = RefusingUnpickler, RefusingPythonUnpickler
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,38 +1,21 @@
-"""Distributed training wiring: DeepSpeed config checks, expert parallelism in the Trainer, atomic checkpoints.
+"""Distributed training options: DeepSpeed config checks, the expert-parallel layout, streaming data packing.
 
-`ReMoETrainer` is a `transformers.Trainer` that
-
-- shards the experts over DeepSpeed's expert-parallel groups (`expert_parallel_size=N`, see `expert_parallel.py`);
-- splits the optimizer's param groups into DeepSpeed MoE / non-MoE groups when it builds the optimizer itself (when
-  the DeepSpeed config has an `optimizer` block, DeepSpeed splits them);
-- always saves a plain Transformers checkpoint (safetensors, all experts gathered from every expert-parallel rank),
-  both in `checkpoint-N/` and for `save_model()`;
-- writes every checkpoint into `<output_dir>/.staging/checkpoint-N` and renames it into place only when every rank has
-  finished writing, so a crash while saving never leaves a `checkpoint-N` folder behind (`get_last_checkpoint` and
-  `--resume_from_checkpoint` only ever see complete checkpoints).
-
-Resume is the Trainer's own: model, optimizer and scheduler (DeepSpeed's per-rank files, one file per expert), the
-controller's lambda (the `controller.l1_coef` buffer is model state), the data position and every rank's RNG state.
+The Trainer that runs them is `remoe.training.trainer.ReMoETrainer`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import itertools
 import json
 import os
-import re
-import shutil
-import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainingArguments
 
-STAGING_DIR = ".staging"
 DEFAULT_EP_DEEPSPEED_CONFIG = "zero1.json"
 
 
@@ -145,7 +128,39 @@ def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict]) -> d
         validate_distributed_options(deepspeed, ep_size, _routed_experts(options, run))
         return {"deepspeed": None, "expert_parallel_size": ep_size}
     deepspeed = validate_distributed_options(deepspeed, ep_size, _routed_experts(options, run))
+    deepspeed = resolve_batch_sizes(deepspeed, training, world_size_from_env())
     return {"deepspeed": deepspeed, "expert_parallel_size": ep_size}
+
+
+def resolve_batch_sizes(deepspeed: str | os.PathLike | dict, training: dict[str, Any], world_size: int) -> str | dict:
+    """Check the DeepSpeed batch sizes against the run's before any work, and leave `train_batch_size` to DeepSpeed.
+
+    Explicit `train_micro_batch_size_per_gpu`, `gradient_accumulation_steps` and `train_batch_size` must equal
+    `per_device_train_batch_size`, `gradient_accumulation_steps` and their product with the world size.
+    Transformers fills `train_batch_size` (`"auto"` or not) while `TrainingArguments` is built, before it knows the
+    world size, so it would count one process; DeepSpeed derives the same value itself when the key is absent.
+    Returns `deepspeed` unchanged when it has no `train_batch_size`, otherwise a copy without it.
+    """
+    config = load_deepspeed_config(deepspeed)
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
+    micro = training.get("per_device_train_batch_size", defaults["per_device_train_batch_size"])
+    accumulation = training.get("gradient_accumulation_steps", defaults["gradient_accumulation_steps"])
+    expected = {
+        "train_micro_batch_size_per_gpu": (micro, "per_device_train_batch_size"),
+        "gradient_accumulation_steps": (accumulation, "gradient_accumulation_steps"),
+        "train_batch_size": (
+            micro * accumulation * world_size,
+            f"per_device_train_batch_size * gradient_accumulation_steps * world size = "
+            f"{micro} * {accumulation} * {world_size}",
+        ),
+    }
+    for key, (value, source) in expected.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise ValueError(f'DeepSpeed {key}={given!r} contradicts {source} = {value}; set it to {value} or "auto"')
+    if "train_batch_size" not in config:
+        return deepspeed
+    return {key: value for key, value in config.items() if key != "train_batch_size"}
 
 
 def accelerate_deepspeed_env() -> tuple[bool, str | None]:
@@ -193,161 +208,3 @@ def streaming_packed_splits(corpus, tokenizer, block_size: int, max_eval_blocks:
         {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string")}
     )
     return {"train": train, "validation": datasets.Dataset.from_list(rows, features=features)}
-
-
-def _is_moe_param(parameter: torch.Tensor) -> bool:
-    return getattr(parameter, "allreduce", True) is False
-
-
-def split_moe_param_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Split `optimizer`'s param groups (in place, before its first step) into non-MoE groups and one group per
-    DeepSpeed expert-parallel group, as DeepSpeed's ZeRO optimizers require."""
-    from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
-
-    groups = optimizer.param_groups
-    if any(is_moe_param_group(group) for group in groups) or not any(
-        _is_moe_param(p) for group in groups for p in group["params"]
-    ):
-        return optimizer
-    named = [{**group, "name": group.get("name") or f"group_{index}"} for index, group in enumerate(groups)]
-    optimizer.param_groups = [
-        group for group in split_params_into_different_moe_groups_for_optimizer(named) if group["params"]
-    ]
-    return optimizer
-
-
-def _replace_dir(source: str, target: str) -> None:
-    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
-    trash = None
-    if os.path.lexists(target):
-        trash = os.path.join(os.path.dirname(target), f".trash-{os.path.basename(target)}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, trash)
-    os.replace(source, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _remove_if_empty(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        os.rmdir(folder)
-
-
-_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
-
-
-def _publish_files(staged: str, target: str) -> None:
-    """Move every entry of `staged` into `target`. An earlier save's config.json goes first and the new one comes
-    last, so a save interrupted halfway leaves a folder without config (never old config over new weights)."""
-    os.makedirs(target, exist_ok=True)
-    entries = sorted(os.listdir(staged), key=lambda name: (name == "config.json", name))
-    if "config.json" in entries and os.path.isfile(os.path.join(target, "config.json")):
-        os.remove(os.path.join(target, "config.json"))
-    if any(_WEIGHT_FILE.fullmatch(name) for name in entries):
-        for name in os.listdir(target):  # weights of an earlier save that this one does not overwrite
-            if _WEIGHT_FILE.fullmatch(name) and name not in entries and os.path.isfile(os.path.join(target, name)):
-                os.remove(os.path.join(target, name))
-    for name in entries:
-        source, destination = os.path.join(staged, name), os.path.join(target, name)
-        if os.path.isdir(source):
-            _replace_dir(source, destination)
-        else:
-            os.replace(source, destination)
-    shutil.rmtree(staged, ignore_errors=True)
-
-
-class ReMoETrainer(Trainer):
-    """`Trainer` with DeepSpeed expert parallelism, EP-aware saving and atomic checkpoints (see the module doc)."""
-
-    def __init__(self, model=None, args=None, *trainer_args, expert_parallel_size: int = 1, **kwargs):
-        self.expert_parallel_size = expert_parallel_size
-        if expert_parallel_size > 1:
-            if args is None or not (args.deepspeed or getattr(args, "deepspeed_plugin", None)):
-                raise ValueError(f"expert_parallel_size={expert_parallel_size} needs a DeepSpeed config (--deepspeed)")
-            from .expert_parallel import enable_expert_parallel
-
-            _ = args.device  # initialises the process group (DeepSpeed's) before the expert-parallel groups
-            enable_expert_parallel(model, expert_parallel_size)
-        super().__init__(model, args, *trainer_args, **kwargs)
-
-    # -- optimizer -----------------------------------------------------------------------------------------------
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.expert_parallel_size > 1:
-            self.optimizer = split_moe_param_groups(optimizer)
-        return self.optimizer
-
-    # -- saving --------------------------------------------------------------------------------------------------
-    def _barrier(self) -> None:
-        if self.args.world_size > 1:
-            self.accelerator.wait_for_everyone()
-
-    def _write_model(self, output_dir: str) -> None:
-        if self.expert_parallel_size > 1:
-            from .expert_parallel import full_experts_view
-
-            with full_experts_view(self.model, materialize=self.args.should_save):
-                if self.args.should_save:
-                    self._save(output_dir)  # the model's own state dict: plain Transformers names and shapes
-        else:
-            super().save_model(output_dir, _internal_call=True)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save a plain Transformers checkpoint (all experts) that `from_pretrained` loads in one process.
-
-        Inside a checkpoint the whole folder is staged (`_save_checkpoint`); a direct call writes into
-        `<output_dir>/.staging/model` and then moves the files into `output_dir`, config.json last.
-        """
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if _internal_call:
-            self._write_model(output_dir)
-            return
-        staged = os.path.join(output_dir, STAGING_DIR, "model")
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)
-        self._barrier()
-        self._write_model(staged)
-        self._barrier()
-        if self.args.should_save:
-            _publish_files(staged, output_dir)
-            _remove_if_empty(os.path.dirname(staged))
-        self._barrier()
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, STAGING_DIR)
-        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, folder), os.path.join(run_dir, folder)
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)  # a partial checkpoint of a crashed run
-        self._barrier()
-        self._get_output_dir = lambda trial=None: staging_root  # every file of the checkpoint goes to `staged`
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        self._barrier()  # every rank has written its part (DeepSpeed shards, RNG state)
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best and os.path.dirname(best) == staging_root:
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
-            _replace_dir(staged, final)
-            _remove_if_empty(staging_root)
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
-        self._barrier()
-
-
-def build_trainer(
-    model,
-    args,
-    *,
-    expert_parallel_size: int | None = None,
-    **trainer_kwargs: Any,
-) -> ReMoETrainer:
-    """A `ReMoETrainer` for `model`; `args.deepspeed` (if any) was checked by `validate_distributed_options`."""
-    return ReMoETrainer(model, args, expert_parallel_size=expert_parallel_size or 1, **trainer_kwargs)

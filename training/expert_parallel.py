@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from remoe.kernels import sparse_moe_mlp
+from remoe.kernels import IMPLEMENTATIONS, default_implementation, sparse_moe_mlp
 from remoe.modeling_remoe import ReMoEExperts, ReMoEForCausalLM
 
 try:  # DeepSpeed recognises expert-parallel layers (and their checkpoint layout) by this base class.
@@ -87,7 +87,8 @@ class _LocalExpert(nn.Module):
 
 
 class ExpertParallelExperts(_DeepSpeedMoE):
-    """This rank's E/N experts of one MoE layer; `forward(hidden (T, H), gates (T, E)) -> (T, H)` as `ReMoEExperts`.
+    """This rank's E/N experts of one MoE layer, with the experts contract of `ReMoEExperts`:
+    `forward(hidden_states (R, H), top_k_index (R, K), top_k_weights (R, K)) -> (R, H)`.
 
     Every rank of the expert-parallel group must call `forward` the same number of times (training, evaluation and
     generation all run in lockstep), since each call does three all-to-alls.
@@ -136,37 +137,52 @@ class ExpertParallelExperts(_DeepSpeedMoE):
             torch.stack([expert.down_proj for expert in self.local_experts]),
         )
 
-    def forward(self, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows (R, H) routed to experts `top_k_index (R, K)` with `top_k_weights (R, K)`, as `ReMoEExperts`."""
         group, ep_size, num_local = self.ep_group, self.ep_size, self.num_local_experts
-        # Nonzero (token, expert) pairs sorted by expert, hence by destination rank.
-        active = gates.detach() != 0
-        expert_idx, token_idx = active.t().nonzero(as_tuple=True)
-        send_counts = active.sum(0)  # (E,) pairs per expert = (N, E/N) pairs per (rank, local expert)
+        num_rows, top_k = top_k_index.shape
+        # (row, expert) pairs sorted by expert, hence by destination rank.
+        expert_idx, order = torch.sort(top_k_index.reshape(-1), stable=True)
+        row_idx = torch.arange(num_rows, device=top_k_index.device).repeat_interleave(top_k)[order]
+        weights = top_k_weights.reshape(-1)[order]
+        send_counts = torch.bincount(expert_idx, minlength=self.num_experts)  # (E,) = (N, E/N) per rank, local expert
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=group)
         recv_counts = recv_counts.view(ep_size, num_local)  # [source rank, local expert]
         input_splits = send_counts.view(ep_size, num_local).sum(1).tolist()
         output_splits = recv_counts.sum(1).tolist()
 
-        received = all_to_all(hidden_states[token_idx], output_splits, input_splits, group)
-        # Each received row goes to one local expert, with weight 1: the gate is applied on the token's own rank.
+        received = all_to_all(hidden_states[row_idx], output_splits, input_splits, group)
+        # Each received row goes to one local expert, with weight 1: the gate is applied on the row's own rank.
         local_expert = torch.repeat_interleave(
-            torch.arange(num_local, device=gates.device).repeat(ep_size),
+            torch.arange(num_local, device=top_k_index.device).repeat(ep_size),
             recv_counts.flatten(),
             output_size=received.shape[0],
         )
         unit_gates = received.new_zeros(received.shape[0], num_local).scatter_(1, local_expert[:, None], 1.0)
         gate_up_proj, down_proj = self.local_weights()
-        implementation = self.config._experts_implementation
-        expert_out = sparse_moe_mlp(received, unit_gates, gate_up_proj, down_proj, implementation=implementation)
+        expert_out = sparse_moe_mlp(received, unit_gates, gate_up_proj, down_proj, implementation=self.implementation)
         if expert_out.grad_fn is None and torch.is_grad_enabled():
             # No row reached this rank's experts and the path returned a constant: keep the graph connected so that
             # this rank joins the backward all-to-all like the others, and its experts get zero gradients, not None.
             expert_out = expert_out + (received.sum() + gate_up_proj.sum() + down_proj.sum()) * 0
         returned = all_to_all(expert_out, input_splits, output_splits, group)
 
-        weighted = returned * gates[token_idx, expert_idx].to(returned.dtype)[:, None]
-        return torch.zeros_like(hidden_states).index_add_(0, token_idx, weighted.to(hidden_states.dtype))
+        weighted = returned * weights.to(returned.dtype)[:, None]
+        return torch.zeros_like(hidden_states).index_add_(0, row_idx, weighted.to(hidden_states.dtype))
+
+    @property
+    def implementation(self) -> str:
+        """The model's experts implementation, run by `remoe.kernels.sparse_moe_mlp` on the local experts."""
+        name = self.config._experts_implementation or default_implementation(self.local_experts[0].down_proj.device)
+        if name not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"expert parallelism runs the experts with remoe.kernels: experts_implementation must be one of "
+                f"{IMPLEMENTATIONS}, got {name!r}"
+            )
+        return name
 
     @torch.no_grad()
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:

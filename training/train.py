@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from transformers import (
     AutoTokenizer,
@@ -20,9 +21,10 @@ from remoe.configuration import load_preset
 
 from .controller import add_controller_callback
 from .data import collate_blocks, load_or_train_tokenizer, load_text_dataset, packed_splits
-from .distributed import build_trainer, resolve_parallel_options, streaming_packed_splits
+from .distributed import resolve_parallel_options, streaming_packed_splits
 from .plots import plot_training_curves
 from .routing import parameter_counts, routing_sparsity
+from .trainer import build_trainer, check_complete_checkpoint, last_complete_checkpoint
 
 # CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
 MODEL_FLAGS = (
@@ -67,8 +69,10 @@ def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
             f"data.vocab_size must be >= 258 (256 bytes + 2 special tokens), got {run['data']['vocab_size']}"
         )
     resume = options.get("resume_from_checkpoint")
-    if isinstance(resume, str) and not Path(resume).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+    if isinstance(resume, str):
+        if not Path(resume).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
+        check_complete_checkpoint(resume)
     if options.get("model_name_or_path"):
         changed = [name for name in MODEL_FLAGS if options.get(name) is not None and name not in CONTINUATION_FLAGS]
         if changed:
@@ -160,6 +164,8 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     )
     set_seed(seed)
 
+    if options.get("resume_from_checkpoint") is True and last_complete_checkpoint(output_dir) is None:
+        raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-N in {output_dir} to resume from")
     streaming = bool(options.get("streaming"))
     tokenizer_source = data_cfg.get("tokenizer") or options.get("model_name_or_path")
     if streaming and (not tokenizer_source or data_cfg.get("domains")):
@@ -182,6 +188,8 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     model = build_model(options, model_cfg, tokenizer)
     config = model.config
     counts = parameter_counts(model)  # before expert parallelism leaves each rank a share of the experts
+    # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
+    training_cfg.setdefault("use_cpu", not _has_accelerator())
     args = TrainingArguments(
         output_dir=str(output_dir),
         seed=seed,
@@ -227,6 +235,11 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
         _print_summary(metrics, output_dir)
     return metrics
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
