@@ -11,6 +11,32 @@ ROUTER_TYPES = ("relu", "topk", "dense")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
 
 
+# Transformers' parallel plans, by module kind. The experts follow Mixtral's layout and contract, so they are sharded as
+# Mixtral's: tensor parallel over the expert FFN width, expert parallel over the experts (Transformers >= 5.19). Both
+# are exact for ReLU routes too, which reach the experts as one row per (token, expert) pair.
+_ATTENTION_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+}
+_DENSE_FFN_TP_PLAN = {
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+_EXPERTS_TP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+}
+_EXPERTS_EP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+    "layers.*.mlp.experts.down_proj": "grouped_gemm",
+    "layers.*.mlp.experts": "ep_dispatch_experts",
+}
+
+
 def experts_implementations() -> tuple[str, ...]:
     """The experts implementations ReMoE accepts: Transformers' (`eager`, `batched_mm`, `grouped_mm`, ...) and the
     project's `triton` kernels (which need the `remoe` package)."""
@@ -49,12 +75,6 @@ class ReMoEConfig(PreTrainedConfig):
     model_type = "remoe"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache's name since / before Transformers 5.24
     default_theta = 1000000.0
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -153,6 +173,22 @@ class ReMoEConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Transformers' tensor-parallel plan, for the kinds of layer this config builds (dense FFNs, experts)."""
+        plan = dict(_ATTENTION_TP_PLAN)
+        moe_layers = [self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)]
+        if not all(moe_layers):
+            plan.update(_DENSE_FFN_TP_PLAN)
+        if any(moe_layers):
+            plan.update(_EXPERTS_TP_PLAN)
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str] | None:
+        """Transformers' expert-parallel plan (None for a dense model)."""
+        return dict(_EXPERTS_EP_PLAN) if self.router_type != "dense" else None
 
     @property
     def num_routed_experts(self) -> int:

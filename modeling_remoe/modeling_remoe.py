@@ -6,6 +6,7 @@ The experts run through Transformers' experts implementations (`eager`, `batched
 """
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -250,8 +251,9 @@ class ReMoEExperts(nn.Module):
         """`eager`: a loop over the experts that received at least one row."""
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # (E, K, R)
-            experts_hit = expert_mask.sum(dim=(-1, -2)).nonzero().flatten().tolist()
+            # Index `num_experts` is the sentinel of expert parallelism (a row routed to another rank's expert).
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E + 1, K, R)
+            experts_hit = expert_mask[: self.num_experts].sum(dim=(-1, -2)).nonzero().flatten().tolist()
         # One unbind instead of E indexing ops: their backward would allocate a full-size weight gradient per expert.
         gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         for expert_idx in experts_hit:
@@ -656,7 +658,11 @@ def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache
     if cache is not None:
         raise ValueError("Pass the KV cache as `cache` or as `past_key_values` (its older name), not both")
     if CACHE_NAME == "cache":
-        logger.warning_once("`past_key_values` is deprecated since Transformers 5.24; pass the KV cache as `cache`")
+        warnings.warn(
+            "`past_key_values` is deprecated since Transformers 5.24; pass the KV cache as `cache`",
+            FutureWarning,
+            stacklevel=3,
+        )
     return past_key_values
 
 

@@ -7,10 +7,17 @@ generation, meta-device initialisation, fp32 placement of lambda, and the expert
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from unittest.mock import Mock, patch
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.generation import CompileConfig
@@ -19,6 +26,8 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from remoe import ReMoEForCausalLM
 from remoe.modeling_remoe import CACHE_NAME
+
+from .parallel_plan_worker import supports_expert_parallel_size
 
 ROUTER_TYPES = ("relu", "topk", "dense")
 CPU_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
@@ -36,8 +45,14 @@ def _model(make_config, router_type: str, **overrides) -> ReMoEForCausalLM:
     return model
 
 
-def _prompt(batch: int = 2, length: int = 5) -> torch.Tensor:
-    return torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(7))
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _prompt(batch: int = 2, length: int = 5, vocab: int = 97) -> torch.Tensor:
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(7))
 
 
 def test_cache_name_follows_the_installed_release():
@@ -162,3 +177,31 @@ def test_unknown_experts_implementation_names_the_allowed_ones(make_config):
     model = ReMoEForCausalLM(make_config())
     with pytest.raises(ValueError, match="batched_mm"):
         model.set_experts_implementation("megablocks")
+
+
+def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_config, tmp_path):
+    """Transformers' own parallelism, 2 CPU processes: `DistributedConfig(tp_plan="auto")` shards attention and the
+    FFN width (dense FFNs and experts), `DistributedConfig(ep_size=2)` (Transformers >= 5.19) shards the experts; the
+    logits equal one process's for ReLU routes (one row per active pair), TopK routes and the dense model."""
+    folders = []
+    for router_type in ROUTER_TYPES:
+        model = _model(make_config, router_type, num_experts_per_tok=2, vocab_size=96)  # lm_head splits in 2
+        folder = tmp_path / router_type
+        model.save_pretrained(folder)
+        input_ids = _prompt(batch=2, length=7, vocab=96)
+        with torch.no_grad():
+            save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, folder / "probe.safetensors")
+        folders.append(str(folder))
+    worker = Path(__file__).with_name("parallel_plan_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(_free_port()), str(worker), *folders, str(tmp_path / "results.json")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-6000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    expected_layouts = {"tp", "ep"} if supports_expert_parallel_size() else {"tp"}
+    expected = {f"{router_type}/{layout}" for router_type in ("relu", "topk") for layout in expected_layouts}
+    assert set(results) == expected | {"dense/tp"}  # a dense model has no experts to shard
+    for name, result in results.items():
+        assert result["sharded"], name
+        assert result["max_abs_diff"] < 1e-4, (name, result)
