@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, load_dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
 
-import remoe  # noqa: F401  (registers model_type "remoe" with the Auto classes)
+from remoe.checkpoints import load_model
 from remoe.training import add_controller_callback
 
 PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = tokenize(load_instructions(args.data), tokenizer, args.max_length)
     collator = PadCollator(tokenizer.pad_token_id)
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model = load_model(args.model_name_or_path)  # safetensors only, config and weights checked together
     if args.lora:
         model = add_lora(model, args.lora_rank, args.lora_alpha)
     loss_before = response_loss(model, dataset, collator)

@@ -75,6 +75,7 @@ class ReMoEConfig(PreTrainedConfig):
     model_type = "remoe"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache's name since / before Transformers 5.24
     default_theta = 1000000.0
+    base_model_ep_plan = _EXPERTS_EP_PLAN  # matches nothing in a dense model, which has no experts to shard
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -117,8 +118,21 @@ class ReMoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        self.base_model_tp_plan = self._tensor_parallel_plan()  # not saved: Transformers drops it from config.json
         super().__post_init__(**kwargs)
         self._check_values()
+
+    def _tensor_parallel_plan(self) -> dict[str, str]:
+        """Transformers' tensor-parallel plan for the kinds of layer this config builds (dense FFNs, experts)."""
+        plan = dict(_ATTENTION_TP_PLAN)
+        if not isinstance(self.moe_layer_freq, int) or self.moe_layer_freq < 1:
+            return plan  # `_check_values` reports it
+        moe_layers = [self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)]
+        if not all(moe_layers):
+            plan.update(_DENSE_FFN_TP_PLAN)
+        if any(moe_layers):
+            plan.update(_EXPERTS_TP_PLAN)
+        return plan
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -173,22 +187,6 @@ class ReMoEConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
-
-    @property
-    def base_model_tp_plan(self) -> dict[str, str]:
-        """Transformers' tensor-parallel plan, for the kinds of layer this config builds (dense FFNs, experts)."""
-        plan = dict(_ATTENTION_TP_PLAN)
-        moe_layers = [self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)]
-        if not all(moe_layers):
-            plan.update(_DENSE_FFN_TP_PLAN)
-        if any(moe_layers):
-            plan.update(_EXPERTS_TP_PLAN)
-        return plan
-
-    @property
-    def base_model_ep_plan(self) -> dict[str, str] | None:
-        """Transformers' expert-parallel plan (None for a dense model)."""
-        return dict(_EXPERTS_EP_PLAN) if self.router_type != "dense" else None
 
     @property
     def num_routed_experts(self) -> int:

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 from transformers.dynamic_module_utils import custom_object_save
 
+from .checkpoints import SAFETENSORS_DTYPES, SafetensorsCheckpoint, check_weights_match, expected_tensor_shapes
 from .configuration_remoe import ReMoEConfig
 from .modeling_remoe import ReMoEForCausalLM
 
@@ -68,81 +68,6 @@ TOKENIZER_FILES = (
 CONVERSION_INFO_FILE = "remoe_conversion.json"
 # ReMoE fields that a conversion may set on top of the architecture (the controller and TopK loss settings).
 CONTROLLER_FIELDS = ("l1_coef_init", "l1_coef_multiplier", "load_balance", "router_aux_loss_coef")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_IGNORED_SOURCE_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Reading checkpoints
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-class SafetensorsCheckpoint:
-    """Lazy, memory-mapped access to the tensors of a Transformers checkpoint folder (one file or an index)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not (self.path / "config.json").is_file():
-            raise ValueError(f"{str(self.path)!r} is not a checkpoint folder: it has no config.json")
-        self.config_dict: dict[str, Any] = json.loads((self.path / "config.json").read_text())
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                raise ValueError(
-                    f"{str(self.path)!r} has no *.safetensors weights (re-save it with `save_pretrained` first)"
-                )
-            self.weight_map = {}
-            for file in files:
-                with safe_open(file, framework="pt") as handle:
-                    self.weight_map.update(dict.fromkeys(handle.keys(), file.name))
-        self._handles: dict[str, Any] = {}
-
-    @property
-    def model_type(self) -> str | None:
-        return self.config_dict.get("model_type")
-
-    def keys(self) -> set[str]:
-        """Tensor names, without the rotary `inv_freq` buffers some old checkpoints carry."""
-        return {key for key in self.weight_map if not _IGNORED_SOURCE_KEYS.search(key)}
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.weight_map
-
-    def _handle(self, key: str):
-        filename = self.weight_map[key]
-        if filename not in self._handles:
-            self._handles[filename] = safe_open(self.path / filename, framework="pt", device="cpu")
-        return self._handles[filename]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
-
-    def dtype(self, key: str) -> torch.dtype:
-        name = self._handle(key).get_slice(key).get_dtype()
-        if name not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{str(self.path)!r}: tensor {key!r} has dtype {name}, which conversion does not support")
-        return _SAFETENSORS_DTYPES[name]
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._handle(key).get_tensor(key)
-
-    def close(self) -> None:
-        self._handles.clear()
 
 
 @contextmanager
@@ -339,25 +264,17 @@ def expected_source_shapes(arch: Architecture) -> tuple[dict[str, tuple[int, ...
 def check_source_tensors(checkpoint: SafetensorsCheckpoint, arch: Architecture) -> None:
     """Raise `ValueError` unless the checkpoint holds exactly the tensors (names and shapes) its config implies."""
     if arch.model_type == "remoe":  # any ReMoE layout (dense, MoE, moe_layer_freq): the model itself says
-        model = _meta_model(ReMoEConfig.from_pretrained(checkpoint.path))
-        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-        optional = {"lm_head.weight"} if arch.tie_word_embeddings else set()
+        shapes, optional = expected_tensor_shapes(ReMoEConfig.from_pretrained(checkpoint.path))
     else:
         shapes, optional = expected_source_shapes(arch)
-    present = checkpoint.keys()
-    missing = sorted(set(shapes) - present - optional)
-    unexpected = sorted(present - set(shapes))
     where = f"{str(checkpoint.path)!r} ({arch.model_type})"
-    if missing:
-        raise ValueError(f"{where} lacks {len(missing)} tensors its config implies, e.g. {missing[:3]}")
-    if unexpected:
+    unexpected = sorted(checkpoint.keys() - set(shapes))
+    if unexpected and arch.model_type != "remoe":
         raise ValueError(
             f"{where} has {len(unexpected)} tensors that ReMoE cannot represent, e.g. {unexpected[:3]}; "
             "only Llama-style decoders convert"
         )
-    for key, shape in shapes.items():
-        if key in present and checkpoint.shape(key) != shape:
-            raise ValueError(f"{where}: tensor {key!r} has shape {checkpoint.shape(key)}, its config implies {shape}")
+    check_weights_match(checkpoint, shapes, optional, where)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,7 +352,7 @@ def _copy_side_files(first_source: Path, folder: Path, config: ReMoEConfig) -> N
         GenerationConfig.from_model_config(config).save_pretrained(folder)
 
 
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class _StreamingSafetensorsWriter:
