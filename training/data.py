@@ -37,7 +37,7 @@ CORPUS_VERSION = 1
 _MAX_DOC_CHARS, _VALIDATION_FRACTION, _SEED = 8000, 0.05, 1234
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
 _EXTENSIONS = {".json": "json", ".jsonl": "json", ".txt": "text", ".text": "text", ".parquet": "parquet", ".csv": "csv"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _SPLIT_NAME = re.compile(r"^(train|validation|valid|val|dev|test)(?=[-_.]|$)", re.IGNORECASE)
 _TOKENIZER_MAX_CHARS = 200_000_000
 
@@ -270,6 +270,66 @@ def _local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
     return builders.pop(), data_files
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _load_dataset(where: str, *args, **kwargs):
+    """`datasets.load_dataset` with its failures as one line naming the dataset and the innermost cause."""
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (datasets.exceptions.DatasetGenerationError, OSError, ValueError) as error:
+        cause = error
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__
+        raise ValueError(f"{where}: could not be read ({type(cause).__name__}: {_first_line(cause)})") from error
+
+
+def check_text_file(path: Path, builder: str, text_column: str) -> None:
+    """Raise `ValueError` naming the file and line unless a text or json/jsonl file is UTF-8 and every json record is
+    a JSON object whose `text_column` is a string (checked before `datasets` reads it, which reports neither)."""
+    if builder == "text":
+        with open(path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                _decode(path, raw, line_number)
+        return
+    if builder != "json":  # csv, parquet: `datasets` reports their errors (see `_load_dataset`)
+        return
+    text = _decode(path, path.read_bytes(), None)
+    try:  # a JSON document: an array of records, or one record
+        document = json.loads(text)
+        records = [(1, record) for record in (document if isinstance(document, list) else [document])]
+    except json.JSONDecodeError:  # JSON Lines
+        records = []
+        for line_number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((line_number, json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+    for line_number, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_number}: expected a JSON object per record, got {type(record).__name__}")
+        value = record.get(text_column)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"{path}:{line_number}: {text_column!r} must be a string, got {type(value).__name__} {value!r:.40}"
+            )
+
+
+def _decode(path: Path, raw: bytes, line_number: int | None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if line_number is None:
+            line_number = raw[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}:{line_number}: not UTF-8 text (byte {raw[error.start]:#04x}); re-encode the file as UTF-8"
+        ) from None
+
+
 def load_text_dataset(
     name_or_path: str = "builtin",
     *,
@@ -292,11 +352,15 @@ def load_text_dataset(
     hf_cache = str(Path(cache_dir) / "datasets") if cache_dir is not None else None
     if path.exists():
         builder, data_files = _local_data_files(path)
+        if not streaming:  # a streamed corpus may be too large to read twice; its errors come while training
+            for files in data_files.values():
+                for file in files:
+                    check_text_file(Path(file), builder, text_column)
         short = path.resolve().stem if path.is_file() else path.resolve().name
-        dsd = datasets.load_dataset(builder, data_files=data_files, streaming=streaming, cache_dir=hf_cache)
-    elif _HUB_ID.match(name_or_path) and Path(name_or_path).suffix.lower() not in _EXTENSIONS:
+        dsd = _load_dataset(where, builder, data_files=data_files, streaming=streaming, cache_dir=hf_cache)
+    elif HUB_ID.match(name_or_path) and Path(name_or_path).suffix.lower() not in _EXTENSIONS:
         short = name_or_path.split("/")[-1]
-        dsd = datasets.load_dataset(name_or_path, streaming=streaming, cache_dir=hf_cache)
+        dsd = _load_dataset(where, name_or_path, streaming=streaming, cache_dir=hf_cache)
     else:
         raise ValueError(f"{where}: no such file or directory, and not a Hugging Face Hub dataset id")
     if "train" not in dsd:

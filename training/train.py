@@ -2,112 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-from transformers import (
-    AutoTokenizer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import AutoTokenizer, TrainingArguments, set_seed
 
 from remoe import ReMoEConfig, ReMoEForCausalLM
-from remoe.configuration import load_preset
+from remoe.checkpoints import load_model, load_tokenizer
 
 from .controller import add_controller_callback
-from .data import collate_blocks, load_or_train_tokenizer, load_text_dataset, packed_splits
-from .distributed import resolve_parallel_options, streaming_packed_splits
+from .data import HUB_ID, collate_blocks, load_or_train_tokenizer, load_text_dataset, packed_splits
+from .distributed import resolve_parallel_options, streaming_packed_splits, world_size_from_env
 from .plots import plot_training_curves
 from .routing import parameter_counts, routing_sparsity
-from .trainer import build_trainer, check_complete_checkpoint, last_complete_checkpoint
+from .run_config import check_memory, check_output_dir, claim_output_dir, has_accelerator, resolve_run
+from .trainer import build_trainer, last_complete_checkpoint, remove_incomplete_checkpoints
 
-# CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
-MODEL_FLAGS = (
-    "router_type",
-    "num_experts",
-    "num_experts_per_tok",
-    "granularity",
-    "l1_coef_init",
-    "l1_coef_multiplier",
-    "load_balance",
-)
-DATA_FLAGS = ("dataset", "domains", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
-# Model fields that may change when training continues from a checkpoint (`--model_name_or_path`).
-CONTINUATION_FLAGS = ("l1_coef_init", "l1_coef_multiplier", "load_balance", "router_aux_loss_coef")
-TRAINING_FLAGS = (
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "logging_steps",
-    "save_steps",
-    "seed",
-    "bf16",
-)
-
-
-def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
-    """Merge the preset (or `--config` file) with the command-line overrides and check the result."""
-    run = load_preset(options.get("config") or options.get("preset") or "tiny")
-    for section, names in (("model", MODEL_FLAGS), ("data", DATA_FLAGS), ("training", TRAINING_FLAGS)):
-        run[section].update({name: options[name] for name in names if options.get(name) is not None})
-    run["data"].setdefault("dataset", "builtin")
-    run["data"].setdefault("vocab_size", 8192)
-    run["data"].setdefault("max_eval_blocks", 64)
-    if run["data"].get("block_size", 0) < 2:
-        raise ValueError(f"data.block_size must be >= 2, got {run['data'].get('block_size')}")
-    if run["training"].get("max_steps", 0) < 1:
-        raise ValueError(f"training.max_steps must be >= 1, got {run['training'].get('max_steps')}")
-    _check_training_section(run["training"])
-    if not (run["data"].get("tokenizer") or options.get("model_name_or_path")) and run["data"]["vocab_size"] < 258:
-        raise ValueError(
-            f"data.vocab_size must be >= 258 (256 bytes + 2 special tokens), got {run['data']['vocab_size']}"
-        )
-    resume = options.get("resume_from_checkpoint")
-    if isinstance(resume, str):
-        if not Path(resume).is_dir():
-            raise ValueError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder")
-        check_complete_checkpoint(resume)
-    if options.get("model_name_or_path"):
-        changed = [name for name in MODEL_FLAGS if options.get(name) is not None and name not in CONTINUATION_FLAGS]
-        if changed:
-            raise ValueError(
-                f"--model_name_or_path keeps the checkpoint's architecture; {', '.join(changed)} cannot be changed "
-                f"(allowed: {', '.join(CONTINUATION_FLAGS)})"
-            )
-        overrides = {name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None}
-        # Fails early on a bad folder or a bad override.
-        config = ReMoEConfig.from_pretrained(options["model_name_or_path"], **overrides)
-        run["model"] = {**overrides, "router_type": config.router_type}
-    else:
-        ReMoEConfig(**run["model"])  # validates the model section before any data work
-    return run
-
-
-POSITIVE_INTEGER_FIELDS = (
-    "per_device_train_batch_size",
-    "per_device_eval_batch_size",
-    "gradient_accumulation_steps",
-    "logging_steps",
-    "save_steps",
-    "save_total_limit",
-)
-
-
-def _check_training_section(training: dict[str, Any]) -> None:
-    """The values `TrainingArguments` would only reject (or misuse) after the data work, checked up front."""
-    for name in POSITIVE_INTEGER_FIELDS:
-        value = training.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"training.{name} must be an integer >= 1, got {value!r}")
-    learning_rate = training.get("learning_rate")
-    if learning_rate is not None and not (isinstance(learning_rate, int | float) and learning_rate > 0):
-        raise ValueError(f"training.learning_rate must be > 0, got {learning_rate!r}")
+_DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
 def _select_domains(corpus, domains: list[str] | None):
@@ -121,11 +39,27 @@ def _select_domains(corpus, domains: list[str] | None):
     return corpus.filter(lambda row: row["domain"] in domains)
 
 
+def load_tokenizer_source(source: str):
+    """`--tokenizer`: a local tokenizer folder (checked) or a Hub name, with a one-line error for either."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return load_tokenizer(path)
+    if not HUB_ID.match(source):
+        raise ValueError(f"--tokenizer {source!r}: no such folder, and not a Hugging Face Hub name")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--tokenizer {source!r}: not a local folder, and loading it from the Hub failed "
+            f"({str(error).splitlines()[0]})"
+        ) from error
+
+
 def build_model(options: dict[str, Any], model_cfg: dict, tokenizer) -> ReMoEForCausalLM:
     """A fresh model from the preset, or the checkpoint of `--model_name_or_path` with controller overrides."""
     if options.get("model_name_or_path"):
         overrides = {key: value for key, value in model_cfg.items() if key != "router_type"}
-        model = ReMoEForCausalLM.from_pretrained(options["model_name_or_path"], **overrides)
+        model = load_model(options["model_name_or_path"], **overrides)
         if "l1_coef_init" in overrides and model.controller is not None:
             model.controller.l1_coef.fill_(overrides["l1_coef_init"])  # the checkpoint's lambda would win otherwise
     else:
@@ -157,26 +91,32 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     """Run one training job and return the metrics written to `metrics.json`."""
     run = resolve_run(options)
     parallel = resolve_parallel_options(options, run)  # DeepSpeed config and expert-parallel layout, checked here
-    model_cfg, data_cfg, training_cfg = run["model"], run["data"], dict(run["training"])
-    seed = int(training_cfg.pop("seed", options.get("seed") or 42))
-    output_dir = Path(
-        options.get("output_dir") or f"outputs/{options.get('preset') or 'tiny'}-{model_cfg['router_type']}"
-    )
+    model_cfg, data_cfg = run["model"], run["data"]
+    run["training"].setdefault("seed", 42)
+    training_cfg = dict(run["training"])
+    seed = training_cfg.pop("seed")
+    if not options.get("model_name_or_path"):
+        sharded = parallel["deepspeed"] is not None or parallel["expert_parallel_size"] > 1
+        check_memory(ReMoEConfig(**model_cfg, vocab_size=data_cfg["vocab_size"]), world_size_from_env(), sharded)
+    streaming = bool(options.get("streaming"))
+    if streaming and (not (data_cfg.get("tokenizer") or options.get("model_name_or_path")) or data_cfg.get("domains")):
+        raise ValueError("--streaming needs --tokenizer (or --model_name_or_path) and does not take --domains")
+    run_name = Path(options["config"]).stem if options.get("config") else options.get("preset") or "tiny"
+    output_dir = Path(options.get("output_dir") or f"outputs/{run_name}-{model_cfg['router_type']}")
+    overwrite = bool(options.get("overwrite"))
+    resume = check_output_dir(output_dir, run, resume=options.get("resume_from_checkpoint"), overwrite=overwrite)
     set_seed(seed)
 
-    if options.get("resume_from_checkpoint") is True and last_complete_checkpoint(output_dir) is None:
-        raise ValueError(f"--resume_from_checkpoint: no complete checkpoint-N in {output_dir} to resume from")
-    streaming = bool(options.get("streaming"))
-    tokenizer_source = data_cfg.get("tokenizer") or options.get("model_name_or_path")
-    if streaming and (not tokenizer_source or data_cfg.get("domains")):
-        raise ValueError("--streaming needs --tokenizer (or --model_name_or_path) and does not take --domains")
+    tokenizer = None
+    if data_cfg.get("tokenizer"):
+        tokenizer = load_tokenizer_source(data_cfg["tokenizer"])
+    elif options.get("model_name_or_path"):
+        tokenizer = load_tokenizer(options["model_name_or_path"])
     corpus = load_text_dataset(
         data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed, streaming=streaming
     )
     corpus = _select_domains(corpus, data_cfg.get("domains"))
-    if tokenizer_source:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    else:
+    if tokenizer is None:
         tokenizer = load_or_train_tokenizer(corpus, vocab_size=data_cfg["vocab_size"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -187,9 +127,11 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
 
     model = build_model(options, model_cfg, tokenizer)
     config = model.config
+    claim_output_dir(output_dir, run, overwrite=overwrite)
     counts = parameter_counts(model)  # before expert parallelism leaves each rank a share of the experts
     # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
-    training_cfg.setdefault("use_cpu", not _has_accelerator())
+    training_cfg.setdefault("use_cpu", not has_accelerator())
+    training_cfg.setdefault("dataloader_pin_memory", has_accelerator())
     args = TrainingArguments(
         output_dir=str(output_dir),
         seed=seed,
@@ -212,16 +154,19 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     controller = add_controller_callback(trainer)
 
     start = time.perf_counter()
-    train_output = trainer.train(resume_from_checkpoint=options.get("resume_from_checkpoint"))
-    train_seconds = time.perf_counter() - start
-    trainer.save_model(str(output_dir))
+    with _explained_disk_full(output_dir):
+        train_output = trainer.train(resume_from_checkpoint=resume)
+        train_seconds = time.perf_counter() - start
+        trainer.save_model(str(output_dir))
 
     metrics = _final_metrics(trainer, model, packed["validation"], data_cfg)
     tokens = (train_output.global_step - controller.start_step) * _tokens_per_step(args, data_cfg)
     metrics.update(
         seed=seed,
         train_steps=train_output.global_step,
-        train_loss=train_output.training_loss,
+        train_loss=whole_run_train_loss(
+            train_output.training_loss, train_output.global_step, controller.start_step, trainer.state.log_history
+        ),
         train_seconds=round(train_seconds, 2),
         tokens_per_second=round(tokens / train_seconds, 1),
         **counts,
@@ -229,17 +174,45 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     if trainer.is_world_process_zero():
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history) + "\n")
-        (output_dir / "run_config.yaml").write_text(
-            yaml.safe_dump({**run, "training": {**run["training"], "seed": seed}})
-        )
         plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
         _print_summary(metrics, output_dir)
     return metrics
 
 
-def _has_accelerator() -> bool:
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+@contextlib.contextmanager
+def _explained_disk_full(output_dir: Path):
+    """A write that fails because the disk is full (torch reports it as an opaque stream error) becomes one OSError
+    that says so; the unfinished checkpoint it leaves is removed, the complete ones stay."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(output_dir).free if output_dir.exists() else None
+        if free is None or free > _DISK_NEARLY_FULL_BYTES:
+            raise
+        removed = remove_incomplete_checkpoints(output_dir) if int(os.environ.get("RANK", "0")) == 0 else []
+        kept = last_complete_checkpoint(output_dir)
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device while writing to {output_dir} ({free} bytes free"
+            + (f"; removed the unfinished {', '.join(removed)}" if removed else "")
+            + (f"; {kept} is complete: free some space and resume from it)" if kept else ")"),
+        ) from error
+
+
+def whole_run_train_loss(training_loss: float, global_step: int, start_step: int, log_history: list[dict]) -> float:
+    """The mean training loss over every step of the run. After a resume the Trainer's `training_loss` covers the
+    resumed steps only; the steps before come from the restored log (interval means weighted by interval length)."""
+    if start_step == 0 or global_step <= start_step:
+        return training_loss
+    previous, total = 0, 0.0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= start_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    if previous == 0:
+        return training_loss
+    before = total / previous
+    return (before * start_step + training_loss * (global_step - start_step)) / global_step
 
 
 def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
@@ -279,3 +252,11 @@ def _print_summary(metrics: dict[str, Any], output_dir: Path) -> None:
     for key, value in metrics.items():
         shown = f"{value:.6g}" if isinstance(value, float) else value
         print(f"  {key:<{width}}  {shown}")
+
+
+def run(args) -> None:
+    """`remoe train`: the parsed command line as `train()` options."""
+    if not has_accelerator():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's own CPU detection warns on every start
+    options = {key: value for key, value in vars(args).items() if key not in ("command", "handler")}
+    train(options)

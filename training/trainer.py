@@ -82,6 +82,16 @@ def check_complete_checkpoint(folder: str | os.PathLike) -> None:
             )
 
 
+def remove_incomplete_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the `checkpoint-N` folders of `output_dir` that were never marked complete; returns their names."""
+    removed = []
+    for _, folder in _checkpoint_folders(output_dir):
+        if not is_complete_checkpoint(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    return removed
+
+
 def _sync_files(folder: Path) -> dict[str, int]:
     """fsync every file under `folder` (so the marker never lands before the data) and return their sizes."""
     sizes = {}
@@ -114,16 +124,14 @@ class CheckpointCompletionCallback(TrainerCallback):
         self.save_total_limit = save_total_limit
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero:
-            for _, folder in _checkpoint_folders(args.output_dir):
-                if not is_complete_checkpoint(folder):
-                    shutil.rmtree(folder, ignore_errors=True)  # a save that a crash interrupted
+        if args.should_save:
+            remove_incomplete_checkpoints(args.output_dir)  # saves that a crash interrupted
         _barrier()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         _barrier()  # every rank has written its part: weights, DeepSpeed shards, RNG state
-        if state.is_world_process_zero and folder.is_dir():
+        if args.should_save and folder.is_dir():
             files = _sync_files(folder)
             _write_json_atomically(folder / CHECKPOINT_COMPLETE, {"step": state.global_step, "files": files})
             rotate_checkpoints(
@@ -241,7 +249,11 @@ class ReMoETrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)
         _barrier()
-        self._save_all_experts(staged, _internal_call=False)
+        try:
+            self._save_all_experts(staged, _internal_call=False)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)  # a half-written model must not stay behind (e.g. a full disk)
+            raise
         _barrier()
         if self.args.should_save:
             _publish_files(staged, output_dir)
