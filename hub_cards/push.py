@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from remoe.checkpoints import CheckpointError, check_checkpoint, load_model, load_tokenizer
+
 REMOTE_CODE_FILES = ("configuration_remoe.py", "modeling_remoe.py")
 CARD_TEMPLATE = "modelcard.md.j2"
 METRICS_FILES = ("metrics.json", "eval_results.json")
@@ -135,17 +137,12 @@ def resolve_token(token: str | None = None) -> str:
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise PushError(f"model_dir: {str(model_dir)!r} is not a checkpoint folder (no config.json)")
-    if not list(model_dir.glob("*.safetensors")):
-        pickled = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = f" (found {pickled}: pickled weights are not shared, re-save with safetensors)" if pickled else ""
-        raise PushError(f"model_dir: {str(model_dir)!r} has no *.safetensors weights{hint}")
-    config = json.loads((model_dir / "config.json").read_text())
-    if config.get("model_type") != "remoe":
-        raise PushError(f"model_dir: config.json has model_type={config.get('model_type')!r}, expected 'remoe'")
-    return model_dir
+    """The checkpoint folder, checked like every remoe command checks one (`remoe.checkpoints.check_checkpoint`)."""
+    try:
+        check_checkpoint(model_dir)
+    except CheckpointError as error:
+        raise PushError(f"model_dir: {error}") from error
+    return Path(model_dir)
 
 
 def check_remote_code(path: str | Path) -> list[str]:
@@ -219,15 +216,13 @@ def prepare_repo_folder(
         check_repo_id(repo_id)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PushError(f"output folder {str(out_dir)!r} exists and is not empty")
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    from remoe import ReMoEForCausalLM
-
-    model = ReMoEForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype="auto")
+    model = load_model(model_dir, dtype="auto")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise PushError(f"model_dir: no usable tokenizer in {str(model_dir)!r} ({error})") from error
+        tokenizer = load_tokenizer(model_dir)
+    except CheckpointError as error:
+        raise PushError(f"model_dir: {error}") from error
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
@@ -658,9 +653,7 @@ def render_model_card(
 
     folder = Path(folder)
     if model is None:
-        from remoe import ReMoEForCausalLM
-
-        model = ReMoEForCausalLM.from_pretrained(folder, use_safetensors=True)
+        model = load_model(folder)
     config = model.config
     metrics, eval_results = _read_json(folder / "metrics.json"), _read_json(folder / "eval_results.json")
     run = read_run_config(folder)
@@ -758,32 +751,7 @@ def push(
     return commit.commit_url
 
 
-def add_push_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "push",
-        help="share a checkpoint on the Hugging Face Hub (safetensors, remote code, tokenizer, model card)",
-        description=(
-            "Prepares the repository folder (sharded safetensors, config.json with auto_map, remote-code files, "
-            "tokenizer, generation_config.json, metrics, plots, README.md model card) and uploads it with "
-            "huggingface_hub (create_repo(exist_ok=True) + upload_folder). The token comes from --token, HF_TOKEN or "
-            "`hf auth login`; HF_ENDPOINT selects the Hub."
-        ),
-    )
-    parser.add_argument("model_dir", help="checkpoint folder written by `remoe train` (or save_pretrained)")
-    parser.add_argument("--repo_id", required=True, help="ORG/NAME on the Hub")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--dry_run", metavar="OUT", help="only write the repository folder to OUT; upload nothing")
-    parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the saved login)")
-    parser.add_argument("--license", default="apache-2.0", help="license in the card metadata (default: apache-2.0)")
-    parser.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE, help="safetensors shard size (e.g. 2GB)")
-    parser.add_argument("--commit_message")
-    parser.add_argument(
-        "--analysis_dir", help="`remoe analyze` output to share (default: MODEL_DIR/analysis when it exists)"
-    )
-    parser.set_defaults(run=_run_push)
-
-
-def _run_push(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     result = push(
         args.model_dir,
         args.repo_id,
@@ -801,22 +769,3 @@ def _run_push(args: argparse.Namespace) -> None:
         print("\n".join(f"  {name}" for name in files))
     else:
         print(f"pushed {args.model_dir} to {args.repo_id}: {result}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m remoe.hub_cards.push MODEL_DIR --repo_id ORG/NAME ...` (the same as `remoe push`)."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="remoe")
-    add_push_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["push", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.run(args)
-    except ValueError as error:
-        print(f"remoe push: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -68,3 +68,34 @@ def test_analyze_rejects_a_dense_model(tmp_path):
     ReMoEForCausalLM(tiny_config(router_type="dense")).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="router_type"):
         analyze(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_figures_label_every_layer_and_expert(tmp_path, monkeypatch):
+    """Integer layer ticks on the sparsity bars, a tick for each expert on the load and domain x expert maps."""
+    import remoe.training.analysis as analysis
+
+    figures = {}
+
+    def keep(fig, path, tight=True):
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(analysis, "_save", keep)
+    model = ReMoEForCausalLM(tiny_config(num_experts=8, num_hidden_layers=3)).eval()
+    recorder = record_routing(model, _blocks(), batch_size=4)
+    analysis.plot_figures(recorder, summarize(recorder, model.config), tmp_path)
+    assert list(figures["sparsity_per_layer.png"].axes[0].get_xticks()) == [0, 1, 2]
+    assert list(figures["expert_load.png"].axes[0].get_xticks()) == list(range(8))
+    for axis in figures["domain_expert_heatmap.png"].axes[:3]:
+        assert [label.get_text() for label in axis.get_xticklabels()] == [str(expert) for expert in range(8)]
+
+
+def test_many_experts_get_every_kth_tick():
+    import matplotlib.pyplot as plt
+
+    from remoe.training.analysis import _expert_ticks
+
+    fig, axis = plt.subplots()
+    _expert_ticks(axis, 64)
+    assert list(axis.get_xticks()) == list(range(0, 64, 4))
+    plt.close(fig)

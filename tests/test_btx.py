@@ -1,17 +1,15 @@
 """`remoe btx branch|mix|finetune|eval`, `remoe upcycle`, `remoe convert` on the command line (tiny models, tiny data)."""
 
 import json
-from unittest import mock
 
 import pytest
+import remoe_cli
 import torch
 import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 import remoe
-from remoe.training import cli
-from remoe.training.btx import add_btx_parser, add_convert_parser, add_upcycle_parser
 from remoe.training.data import train_tokenizer
 
 TINY_ARCH = dict(
@@ -25,10 +23,8 @@ TINY_ARCH = dict(
 
 
 def run_cli(argv: list[str]) -> int:
-    """`remoe.training.cli.main` with the BTX subcommands registered (whether or not cli.py lists them yet)."""
-    extra = tuple(f for f in (add_btx_parser, add_upcycle_parser, add_convert_parser) if f not in cli.SUBCOMMANDS)
-    with mock.patch.object(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + extra):
-        return cli.main([str(arg) for arg in argv])
+    """`remoe ARGV` through the real command line."""
+    return remoe_cli.main([str(arg) for arg in argv])
 
 
 def _texts(domain: str, count: int) -> list[str]:
@@ -194,7 +190,7 @@ def test_upcycle_and_convert_on_the_command_line(workspace, tmp_path):
         (["btx", "mix", "{seed}", "{other}"], "hidden_size"),
         (["btx", "mix", "{seed}", "{seed}", "--num_experts_per_tok", "3"], "num_experts_per_tok"),
         (["btx", "mix", "{seed}", "{seed}", "--router_init", "centroid"], "router_init"),
-        (["btx", "finetune", "{seed}"], "not a ReMoE checkpoint"),
+        (["btx", "finetune", "{seed}"], "not 'remoe'"),
         (["upcycle", "{mixtral}", "--num_experts", "2"], "MoE"),
         (["convert", "{seed}", "--router_type", "relu"], "upcycle"),
     ],

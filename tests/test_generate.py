@@ -73,4 +73,4 @@ def test_bad_generation_options_fail_with_a_clear_message(model_dir, capsys, fla
 
 def test_missing_model_folder_fails_with_a_clear_message(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err

@@ -182,3 +182,13 @@ def test_compare_checks_every_run_and_refuses_stale_ones(run_config, tmp_path, c
     assert main([*base, "--num_experts", "4", "--max_steps", "2"]) == 0
     assert main([*base, "--num_experts", "4", "--max_steps", "3"]) == 2  # the finished run used 2 steps
     assert "training.max_steps: 2 there, 3 asked" in capsys.readouterr().err
+
+
+def test_compare_table_and_curves_tell_runs_apart():
+    from remoe.training.compare import ROUTER_COLORS, _mean_and_spread, _shade
+
+    assert _mean_and_spread({"mean": 3.5, "std": 0.0}, 1) == "3.5000 (n=1)"
+    assert _mean_and_spread({"mean": 3.5, "std": 0.01}, 3) == "3.5000 ± 0.0100 (n=3)"
+    shades = {_shade(ROUTER_COLORS["relu"], index, 4) for index in range(4)}
+    assert len(shades) == 4  # one colour per expert count of a router type
+    assert _shade(ROUTER_COLORS["topk"], 3, 4) == _shade(ROUTER_COLORS["topk"], 0, 1)  # the largest E: the base colour

@@ -14,10 +14,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer
 
 from .data import load_text_dataset, pack_dataset
 from .routing import active_experts
+from .run_config import check_writable_folder
 
 
 class RoutingRecorder:
@@ -119,6 +121,13 @@ def _experts_against_frequency(recorder: RoutingRecorder, min_count: int) -> tup
     return frequency, mean_experts
 
 
+def _expert_ticks(axis, num_experts: int, fontsize: int = 8) -> None:
+    """A tick and label for every expert (every k-th one when there are more than 16)."""
+    step = max(1, math.ceil(num_experts / 16))
+    ticks = list(range(0, num_experts, step))
+    axis.set_xticks(ticks, [str(tick) for tick in ticks], fontsize=fontsize)
+
+
 def plot_figures(recorder: RoutingRecorder, summary: dict, output_dir: Path, min_count: int = 5) -> list[Path]:
     """Write the analysis PNGs and return their paths."""
     paths = []
@@ -131,6 +140,7 @@ def plot_figures(recorder: RoutingRecorder, summary: dict, output_dir: Path, min
         axis.axhline(summary["target_sparsity"], color="black", linestyle="--", label="target 1 - k/E")
         axis.legend(loc="lower right")
     axis.set(xlabel="layer", ylabel="sparsity", title=f"Routing sparsity per layer ({label})", ylim=(0, 1))
+    axis.set_xticks(range(len(layers)))
     paths.append(_save(fig, output_dir / "sparsity_per_layer.png"))
 
     fig, axis = plt.subplots(figsize=(7, 3.5))
@@ -161,6 +171,8 @@ def plot_figures(recorder: RoutingRecorder, summary: dict, output_dir: Path, min
     image = axis.imshow([layer["expert_load"] for layer in layers], aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=axis, label="load / mean load")
     axis.set(xlabel="expert", ylabel="layer", title=f"Expert load ({label})")
+    _expert_ticks(axis, summary["num_experts"])
+    axis.set_yticks(range(len(layers)))
     paths.append(_save(fig, output_dir / "expert_load.png"))
 
     domains = recorder.domains
@@ -170,6 +182,7 @@ def plot_figures(recorder: RoutingRecorder, summary: dict, output_dir: Path, min
         image = axis.imshow(matrix, aspect="auto", cmap="magma", vmin=0, vmax=max(matrix.max(), 1e-9))
         axis.set_title(f"layer {index}", fontsize=9)
         axis.set_xlabel("expert", fontsize=8)
+        _expert_ticks(axis, matrix.shape[1], fontsize=7)
         axis.set_yticks(range(len(domains)), domains if index == 0 else [""] * len(domains), fontsize=8)
     fig.colorbar(image, ax=axes[0].tolist(), label="share of the domain's routed tokens")
     fig.suptitle(f"Domain x expert activation ({label})", y=1.12)
@@ -194,10 +207,16 @@ def analyze(
     batch_size: int = 8,
 ) -> dict:
     """Analyse the routing of the checkpoint in `model_dir` on the validation split of `dataset`."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if getattr(model.config, "router_type", None) not in ("relu", "topk"):
-        raise ValueError(f"{model_dir}: remoe analyze needs a ReMoE model with router_type relu or topk")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = check_checkpoint(model_dir)
+    if config.router_type == "dense":
+        raise ValueError(f"{model_dir}: remoe analyze needs a ReMoE model with router_type relu or topk, not dense")
+    if max_blocks_per_domain < 1 or batch_size < 1:
+        raise ValueError(
+            f"max_blocks_per_domain and batch_size must be >= 1, got {max_blocks_per_domain}, {batch_size}"
+        )
+    check_writable_folder(output_dir, "--output_dir")
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir)
     block_size = block_size or min(model.config.max_position_embeddings, 512)
     validation = load_text_dataset(dataset)["validation"]
     blocks = pack_dataset(validation, tokenizer, block_size)
@@ -218,18 +237,7 @@ def analyze(
     return summary
 
 
-def add_analyze_parser(subparsers) -> None:
-    parser = subparsers.add_parser("analyze", help="routing analysis of a checkpoint on held-out text (PNG + JSON)")
-    parser.add_argument("model_dir")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--dataset", default="builtin", help="'builtin', a local file/folder, or a Hub dataset")
-    parser.add_argument("--max_blocks_per_domain", type=int, default=32)
-    parser.add_argument("--block_size", type=int, help="default: the model's context, at most 512")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     analyze(
         args.model_dir,
         args.output_dir,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from remoe import conversion
+from remoe.checkpoints import check_checkpoint, load_any_model, load_tokenizer
 
 from .routing import active_experts
 
@@ -82,7 +83,7 @@ def _check_train_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _validate_run_options(options: dict[str, Any]) -> None:
     """The preset/config, data and training sections must be valid before any conversion or training starts."""
-    from .train import resolve_run
+    from .run_config import resolve_run
 
     resolve_run({key: value for key, value in options.items() if key not in conversion.CONTROLLER_FIELDS})
 
@@ -149,20 +150,29 @@ def branch(
     (output_dir / BRANCH_FILE).write_text(json.dumps(description, indent=2) + "\n")
     script = ["#!/bin/sh", "# One job per expert; they are independent and can run on different machines.", "set -e"]
     (output_dir / "branch_jobs.sh").write_text("\n".join(script + [job["command"] for job in jobs]) + "\n")
-    for job in jobs:
-        expert_dir = Path(job["job"]["output_dir"])
-        expert_dir.mkdir(parents=True, exist_ok=True)
-        (expert_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
     if dry_run:
+        for job in jobs:
+            _write_job_file(job)
         return description
 
     from .train import train
 
     for job in jobs:
+        expert_dir = Path(job["job"]["output_dir"])
+        if expert_dir.is_dir() and [path.name for path in expert_dir.iterdir()] == [JOB_FILE]:
+            (expert_dir / JOB_FILE).unlink()  # the job file of a dry run: the folder is still the job's own
         print(f"\nremoe btx branch: training expert {job['name']!r}\n  {job['command']}")
         job["metrics"] = train(dict(job["job"]))
+        _write_job_file(job)
     (output_dir / BRANCH_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description
+
+
+def _write_job_file(job: dict[str, Any]) -> None:
+    """`expert-NAME/btx_job.json`: how the expert was (or will be) trained; `mix` reads its domain from it."""
+    expert_dir = Path(job["job"]["output_dir"])
+    expert_dir.mkdir(parents=True, exist_ok=True)
+    (expert_dir / JOB_FILE).write_text(json.dumps(job, indent=2) + "\n")
 
 
 def _dataset_name(path: str) -> str:
@@ -296,19 +306,11 @@ def finetune(
     ReLU models train with the L1 controller, TopK models with the Switch load-balancing loss; `freeze_experts` trains
     everything but the expert FFNs. Returns the metrics (also in OUTPUT_DIR/metrics.json).
     """
-    from remoe import ReMoEConfig
 
     from .train import train
 
     options = _check_train_options(dict(train_options or {}))
-    config_file = Path(model_dir) / "config.json"
-    model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
-    if model_type != "remoe":
-        raise ValueError(
-            f"{str(model_dir)!r} is not a ReMoE checkpoint (model_type {model_type!r}); "
-            "build one with `remoe btx mix`, `remoe upcycle` or `remoe convert`"
-        )
-    config = ReMoEConfig.from_pretrained(model_dir)
+    config = check_checkpoint(model_dir)
     if config.router_type == "dense":
         raise ValueError(f"{str(model_dir)!r} is a dense ReMoE; finetune an MoE made by `remoe btx mix` or `upcycle`")
     _validate_run_options(options)
@@ -354,14 +356,10 @@ def evaluate_domains(
 ) -> dict[str, Any]:
     """Validation loss per domain (the first `max_eval_blocks` packed blocks of each, as `remoe train` evaluates) and,
     for MoE models, the share of each expert in each domain's routed (token, expert) pairs, averaged over layers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import remoe  # noqa: F401  (registers the Auto classes)
-
     from .data import load_text_dataset, pack_dataset
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_any_model(model_dir, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(model_dir)
     validation = pack_dataset(load_text_dataset(dataset, seed=seed)["validation"], tokenizer, block_size)
     config = model.config
     is_moe = getattr(config, "router_type", "dense") != "dense"
@@ -422,158 +420,15 @@ def routing_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training (passed to `remoe train`; the architecture comes from the checkpoint)")
-    group.add_argument("--config", help="YAML file with data/training sections (instead of --preset)")
-    group.add_argument("--preset", help="packaged preset for the data/training sections (default: tiny)")
-    group.add_argument("--max_steps", type=int)
-    group.add_argument("--per_device_train_batch_size", type=int)
-    group.add_argument("--gradient_accumulation_steps", type=int)
-    group.add_argument("--learning_rate", type=float)
-    group.add_argument("--logging_steps", type=int)
-    group.add_argument("--save_steps", type=int)
-    group.add_argument("--bf16", action="store_true", default=None)
-    group.add_argument("--seed", type=int)
-    group.add_argument("--text_column")
-    group.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
-    group.add_argument("--block_size", type=int)
-    group.add_argument("--max_eval_blocks", type=int)
-    _add_controller_flags(group)
-
-
-def _add_controller_flags(group) -> None:
-    group.add_argument("--l1_coef_init", type=float, help="lambda_0 of the L1 controller (ReLU)")
-    group.add_argument("--l1_coef_multiplier", type=float, help="alpha of the L1 controller (ReLU)")
-    group.add_argument("--load_balance", choices=("refined_l1", "l1"))
-    group.add_argument("--router_aux_loss_coef", type=float, help="weight of the Switch balancing loss (TopK)")
-
-
-def _add_writer_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output_dir", required=True, help="folder of the new ReMoE checkpoint")
-    parser.add_argument("--dtype", help="dtype of the result, e.g. bfloat16 (default: the source's)")
-    parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
-
-
 def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-
-
-def add_btx_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "btx",
-        help="Branch-Train-MiX: branch a seed into domain experts, mix them into an MoE, finetune, evaluate",
-        description="Branch-Train-MiX (Sukhbaatar et al. 2024) with ReLU (ReMoE) or TopK routing.",
-    )
-    steps = parser.add_subparsers(dest="btx_command", required=True)
-
-    branch_parser = steps.add_parser(
-        "branch",
-        help="train one expert per domain from a seed checkpoint",
-        description="Write one `remoe train` job per domain (or dataset) continuing the seed, and run them in order.",
-    )
-    branch_parser.add_argument("seed_model", help="dense seed: Llama / Mistral / Qwen2 or dense ReMoE folder")
-    branch_parser.add_argument("--output_dir", required=True, help="where seed/, expert-NAME/ and the job files go")
-    which = branch_parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--domains", nargs="+", help="one expert per domain of --dataset (builtin: code docs math)")
-    which.add_argument("--datasets", nargs="+", help="one expert per dataset (file, folder or Hub name)")
-    branch_parser.add_argument("--dataset", help="dataset of --domains (default: builtin)")
-    branch_parser.add_argument("--dry_run", action="store_true", help="write the job files only")
-    _add_train_flags(branch_parser)
-    branch_parser.set_defaults(run=_run_branch)
-
-    mix_parser = steps.add_parser(
-        "mix",
-        help="merge dense experts into one MoE checkpoint",
-        description="Each source's FFNs become one expert per layer; attention, norms and embeddings are averaged "
-        "(or taken from the seed); a new ReLU or TopK router is initialised.",
-    )
-    mix_parser.add_argument("sources", nargs="+", help="expert folders, or one `remoe btx branch` output folder")
-    mix_parser.add_argument("--seed_model", help="the seed (default: a branch folder's seed)")
-    mix_parser.add_argument("--seed_as_expert", action="store_true", help="add the seed as a generalist expert")
-    mix_parser.add_argument("--router_type", choices=conversion.MIX_ROUTER_TYPES, default="relu")
-    mix_parser.add_argument("--num_experts_per_tok", type=int, default=2, help="k (default 2)")
-    mix_parser.add_argument("--shared", choices=conversion.SHARED_MODES, default="average")
-    mix_parser.add_argument("--router_init", choices=conversion.ROUTER_INITS, default="random")
-    mix_parser.add_argument("--router_texts", nargs="+", help="centroid init: one text/jsonl file per source")
-    mix_parser.add_argument("--domains", nargs="+", help="centroid init: one domain of --dataset per source")
-    mix_parser.add_argument("--dataset", help="dataset of --domains (default: builtin)")
-    mix_parser.add_argument(
-        "--router_max_tokens", type=int, default=4096, help="centroid init: tokens per source (default 4096)"
-    )
-    mix_parser.add_argument("--split", type=int, default=1, help="cut every FFN into C experts (granularity)")
-    mix_parser.add_argument("--expert_names", nargs="+", help="one name per source (default: folder names)")
-    mix_parser.add_argument("--router_std", type=float, help="std of the random router (default: initializer_range)")
-    mix_parser.add_argument("--seed", type=int, default=0, help="random seed of the router")
-    _add_writer_flags(mix_parser)
-    _add_controller_flags(mix_parser)
-    mix_parser.set_defaults(run=_run_mix)
-
-    finetune_parser = steps.add_parser(
-        "finetune",
-        help="MoE finetuning of a mixed model on all domains",
-        description="`remoe train` continuing an MoE checkpoint: L1 controller (ReLU) or load balancing (TopK).",
-    )
-    finetune_parser.add_argument("model", help="a ReMoE MoE checkpoint (from mix, upcycle or convert)")
-    finetune_parser.add_argument("--output_dir", required=True)
-    finetune_parser.add_argument("--domains", nargs="+", help="train on these domains only (default: all)")
-    finetune_parser.add_argument("--dataset", help="dataset (default: builtin)")
-    finetune_parser.add_argument("--freeze_experts", action="store_true", help="train everything but the experts")
-    _add_train_flags(finetune_parser)
-    finetune_parser.set_defaults(run=_run_finetune)
-
-    eval_parser = steps.add_parser("eval", help="per-domain validation loss and routing shares (markdown)")
-    eval_parser.add_argument("models", nargs="+", help="checkpoint folders")
-    eval_parser.add_argument("--dataset", default="builtin")
-    eval_parser.add_argument("--block_size", type=int, default=128)
-    eval_parser.add_argument("--max_eval_blocks", type=int, default=64)
-    eval_parser.add_argument("--output_json", help="also write the numbers here")
-    eval_parser.set_defaults(run=_run_eval)
-
-
-def add_upcycle_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "upcycle",
-        help="sparse upcycling: a dense checkpoint becomes an MoE with E copies (or a split) of its FFN",
-        description="Sparse upcycling into a ReLU- or TopK-routed ReMoE checkpoint.",
-    )
-    parser.add_argument("source", help="dense checkpoint: Llama / Mistral / Qwen2 or dense ReMoE")
-    parser.add_argument("--num_experts", type=int, required=True, help="E")
-    parser.add_argument("--granularity", type=int, default=1, help="cut each expert into G finer experts")
-    parser.add_argument("--mode", choices=conversion.UPCYCLE_MODES, default="copy")
-    parser.add_argument("--router_type", choices=conversion.MIX_ROUTER_TYPES, default="relu")
-    parser.add_argument("--num_experts_per_tok", type=int, default=1, help="k")
-    parser.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to each copy")
-    parser.add_argument("--router_std", type=float)
-    parser.add_argument("--seed", type=int, default=0)
-    _add_writer_flags(parser)
-    _add_controller_flags(parser)
-    parser.set_defaults(run=_run_upcycle)
-
-
-def add_convert_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="Mixtral / ReMoE MoE -> ReMoE (ReLU or TopK); Llama / Mistral / Qwen2 -> dense ReMoE",
-        description="Convert a Transformers checkpoint into a ReMoE checkpoint.",
-    )
-    parser.add_argument("source", help="checkpoint folder")
-    parser.add_argument(
-        "--router_type",
-        choices=(*conversion.MIX_ROUTER_TYPES, "dense"),
-        help="MoE sources: relu (default; ReLU routing + controller) or topk (keeps the behaviour); dense sources: dense",
-    )
-    parser.add_argument("--num_experts_per_tok", type=int, help="k (default: the source's)")
-    _add_writer_flags(parser)
-    _add_controller_flags(parser)
-    parser.set_defaults(run=_run_convert)
 
 
 _CONTROLLER = conversion.CONTROLLER_FIELDS
 _WRITER = ("dtype", "max_shard_size", "overwrite")
 
 
-def _run_branch(args: argparse.Namespace) -> None:
+def run_branch(args: argparse.Namespace) -> None:
     options = _options(args, TRAIN_PASSTHROUGH)
     result = branch(
         args.seed_model,
@@ -590,7 +445,7 @@ def _run_branch(args: argparse.Namespace) -> None:
         print(f"  {job['name']}: {job['job']['output_dir']}{shown}")
 
 
-def _run_mix(args: argparse.Namespace) -> None:
+def run_mix(args: argparse.Namespace) -> None:
     names = (
         "seed_as_expert",
         "router_type",
@@ -617,14 +472,14 @@ def _run_mix(args: argparse.Namespace) -> None:
     print(f"remoe btx mix: wrote {out}")
 
 
-def _run_finetune(args: argparse.Namespace) -> None:
+def run_finetune(args: argparse.Namespace) -> None:
     options = _options(args, (*TRAIN_PASSTHROUGH, "dataset"))
     finetune(
         args.model, args.output_dir, train_options=options, domains=args.domains, freeze_experts=args.freeze_experts
     )
 
 
-def _run_eval(args: argparse.Namespace) -> None:
+def run_eval(args: argparse.Namespace) -> None:
     results = {}
     for model in args.models:
         results[Path(model).name] = evaluate_domains(
@@ -640,7 +495,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _run_upcycle(args: argparse.Namespace) -> None:
+def run_upcycle(args: argparse.Namespace) -> None:
     names = ("granularity", "mode", "router_type", "num_experts_per_tok", "noise", "router_std", "seed")
     out = conversion.upcycle(
         args.source, args.output_dir, num_experts=args.num_experts, **_options(args, (*names, *_WRITER, *_CONTROLLER))
@@ -648,7 +503,7 @@ def _run_upcycle(args: argparse.Namespace) -> None:
     print(f"remoe upcycle: wrote {out}")
 
 
-def _run_convert(args: argparse.Namespace) -> None:
+def run_convert(args: argparse.Namespace) -> None:
     names = ("num_experts_per_tok", *_WRITER, *_CONTROLLER)
     out = conversion.convert(args.source, args.output_dir, router_type=args.router_type, **_options(args, names))
     print(f"remoe convert: wrote {out}")

@@ -13,7 +13,9 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .train import resolve_run, train
+from .run_config import resolve_run
+from .train import train
+from .trainer import last_complete_checkpoint
 
 ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
 
@@ -42,11 +44,19 @@ def compare(
         for experts in num_experts if router_type != "dense" else num_experts[:1]:
             for seed in seeds:
                 run_dir = output / _run_name(router_type, experts, seed)
-                options = {**(train_options or {}), "preset": preset, "router_type": router_type, "seed": seed}
+                options = {**(train_options or {}), "router_type": router_type, "seed": seed}
+                if not options.get("config"):
+                    options["preset"] = preset
                 options.update(num_experts=experts, output_dir=str(run_dir))
                 expected = resolve_run(options)  # every configuration is checked before the first run trains
-                if (run_dir / "metrics.json").exists():
+                expected["training"].setdefault("seed", seed)
+                if run_dir.is_dir() and any(run_dir.iterdir()):
                     _check_reusable(run_dir, expected)
+                    # An interrupted run of the same configuration: continue it, or start it again.
+                    if last_complete_checkpoint(run_dir):
+                        options["resume_from_checkpoint"] = True
+                    else:
+                        options["overwrite"] = True
                 planned.append((router_type, experts, run_dir, options))
     runs: dict[tuple[str, int], list[dict]] = {}
     for router_type, experts, run_dir, options in planned:
@@ -71,7 +81,7 @@ def _check_reusable(run_dir: Path, expected: dict[str, dict]) -> None:
     """A finished run is reused only if it was trained with the settings asked for now."""
     config_file = run_dir / "run_config.yaml"
     if not config_file.is_file():
-        raise ValueError(f"{run_dir} has metrics.json but no run_config.yaml; remove it or use another --output_dir")
+        raise ValueError(f"{run_dir} holds files but no run_config.yaml; remove it or use another --output_dir")
     saved = yaml.safe_load(config_file.read_text()) or {}
     ignored = {"deepspeed", "expert_parallel_size"}
     differences = [
@@ -109,6 +119,13 @@ def _summarize(runs: dict[tuple[str, int], list[dict]]) -> dict:
     return {"runs": rows}
 
 
+def _mean_and_spread(values: dict[str, float], count: int) -> str:
+    """`mean ± std (n=N)`; with one seed there is no spread to show."""
+    if count < 2:
+        return f"{values['mean']:.4f} (n=1)"
+    return f"{values['mean']:.4f} ± {values['std']:.4f} (n={count})"
+
+
 def _markdown_table(summary: dict) -> str:
     lines = [
         "| model | E | active / total params | validation loss (mean ± std) | code | docs | math | sparsity | tokens/s |",
@@ -124,17 +141,27 @@ def _markdown_table(summary: dict) -> str:
         lines.append(
             f"| {row['router_type']} | {row['num_experts'] or '-'} | "
             f"{row['active_parameters'] / 1e6:.2f}M / {row['total_parameters'] / 1e6:.2f}M | "
-            f"{loss['mean']:.4f} ± {loss['std']:.4f} (n={len(row['seeds'])}) | {' | '.join(domains)} | {sparsity} | "
+            f"{_mean_and_spread(loss, len(row['seeds']))} | {' | '.join(domains)} | {sparsity} | "
             f"{row['tokens_per_second']['mean']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def _shade(color: str, index: int, count: int) -> tuple[float, float, float]:
+    """The router type's colour, lighter for smaller E: one distinguishable shade per expert count."""
+    red, green, blue = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    mix = 0.0 if count < 2 else 0.6 * (count - 1 - index) / (count - 1)
+    return tuple(channel + (1 - channel) * mix for channel in (red, green, blue))
+
+
 def _plot_curves(runs: dict[tuple[str, int], list[dict]], path: Path) -> None:
     fig, (loss_axis, sparsity_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    expert_counts = {router_type: sorted(e for r, e in runs if r == router_type) for router_type, _ in runs}
     for (router_type, experts), metrics in runs.items():
         label = router_type if router_type == "dense" else f"{router_type} E={experts}"
-        color = ROUTER_COLORS[router_type]
+        color = _shade(
+            ROUTER_COLORS[router_type], expert_counts[router_type].index(experts), len(expert_counts[router_type])
+        )
         for index, run in enumerate(metrics):
             entries = [entry for entry in run["log_history"] if "loss" in entry]
             steps = [entry["step"] for entry in entries]
@@ -186,22 +213,7 @@ def _plot_scaling(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def add_compare_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="train dense / TopK / ReMoE with equal active parameters over several seeds and tabulate"
-    )
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--config", help="YAML run file instead of --preset")
-    parser.add_argument("--router_types", nargs="+", default=["dense", "topk", "relu"])
-    parser.add_argument("--num_experts", nargs="+", type=int, default=[8], help="several values: the scaling curve")
-    parser.add_argument("--num_experts_per_tok", type=int)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max_steps", type=int)
-    parser.add_argument("--output_dir", default="outputs/compare")
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     options = {key: getattr(args, key) for key in ("config", "num_experts_per_tok", "max_steps")}
     compare(
         preset=args.preset,

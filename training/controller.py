@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+_PER_LAYER_METRIC = re.compile(r"^remoe/(sparsity|max_load)/layer_\d+$")
 
 
 def _unwrap(model):
@@ -47,8 +52,31 @@ class ReMoEControllerCallback(TrainerCallback):
             state.log_history[-1].update(averaged)
 
 
+def _without_per_layer_metrics(logs: dict | None) -> dict | None:
+    return None if logs is None else {key: value for key, value in logs.items() if not _PER_LAYER_METRIC.match(key)}
+
+
+class ConciseProgressCallback(ProgressCallback):
+    """Transformers' progress bar; the console line leaves out the per-layer `remoe/*` metrics (TensorBoard has them)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=_without_per_layer_metrics(logs), **kwargs)
+
+
+class ConcisePrinterCallback(PrinterCallback):
+    """Transformers' log printer (without a progress bar), leaving out the per-layer `remoe/*` metrics."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return super().on_log(args, state, control, logs=_without_per_layer_metrics(logs), **kwargs)
+
+
 def add_controller_callback(trainer: Trainer, process_group=None) -> ReMoEControllerCallback:
-    """Attach the controller callback ahead of the reporting callbacks so TensorBoard/W&B see its metrics."""
+    """Attach the controller callback ahead of the reporting callbacks so TensorBoard/W&B see its metrics, and keep
+    the console log line short (its per-layer metrics stay in the reporting integrations)."""
     callback = ReMoEControllerCallback(process_group)
     trainer.callback_handler.callbacks.insert(0, callback)
+    for printer, concise in ((ProgressCallback, ConciseProgressCallback), (PrinterCallback, ConcisePrinterCallback)):
+        if any(type(existing) is printer for existing in trainer.callback_handler.callbacks):
+            trainer.remove_callback(printer)
+            trainer.add_callback(concise)
     return callback

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import logging
 import math
 import random
 import re
-import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,12 @@ from typing import Any
 import datasets
 import torch
 
+from remoe.checkpoints import check_checkpoint, resolve_device
+from remoe.configuration_remoe import ReMoEConfig
+
 from .data import DOMAINS, build_embedded_corpus, default_cache_dir
 from .routing import active_experts
+from .run_config import check_writable_folder
 
 LOCAL_TASKS: dict[str, str] = {"remoe_arith": "math", "remoe_ppl_code": "code", "remoe_ppl_docs": "docs"}
 LOCAL_TAGS: dict[str, tuple[str, ...]] = {
@@ -37,6 +41,7 @@ LOCAL_TAGS: dict[str, tuple[str, ...]] = {
 }
 ARITH_NUM_CHOICES = 4
 RESULTS_FILENAME = "eval_results.json"
+logger = logging.getLogger(__name__)
 _QUESTION = re.compile(r"^Question: (?P<question>.+)$", re.MULTILINE)
 _NUMERIC_ANSWER = re.compile(r"^Answer: (?P<answer>-?\d+)$", re.MULTILINE)
 
@@ -258,15 +263,35 @@ def _finite_or_none(value):
     return value
 
 
-def _check_eval_args(model_dir: Path, limit: int | None, batch_size: int, num_fewshot: int | None) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"model_dir: {str(model_dir)!r} is not a checkpoint folder (no config.json)")
+def _check_eval_args(
+    model_dir: Path, limit: int | None, batch_size: int, num_fewshot: int | None, max_length: int | None
+) -> ReMoEConfig:
+    config = check_checkpoint(model_dir)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 (documents per task), got {limit}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if max_length is not None and max_length > config.max_position_embeddings:
+        logger.warning(
+            "--max_length %d is longer than the %d positions %s was trained for; scores past them are extrapolation",
+            max_length,
+            config.max_position_embeddings,
+            model_dir,
+        )
+    return config
+
+
+def _results_path(model_dir: Path, output_path: str | Path | None) -> Path:
+    """Where the results JSON goes (a folder gets `eval_results.json`), checked writable before any evaluation."""
+    path = Path(output_path) if output_path else model_dir / RESULTS_FILENAME
+    if path.is_dir():
+        path = path / RESULTS_FILENAME
+    check_writable_folder(path.parent, "--output_path")
+    return path
 
 
 def evaluate_checkpoint(
@@ -296,7 +321,8 @@ def evaluate_checkpoint(
     names = _split_names(tasks)
     if not names:
         raise ValueError("tasks: give at least one task name, e.g. --tasks remoe")
-    _check_eval_args(model_dir, limit, batch_size, num_fewshot)
+    _check_eval_args(model_dir, limit, batch_size, num_fewshot, max_length)
+    results_path = _results_path(model_dir, output_path)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -305,7 +331,7 @@ def evaluate_checkpoint(
     import remoe  # registers model_type "remoe" with the Auto classes
 
     manager = _task_manager(names, list(include_path))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     model_kwargs: dict[str, Any] = {}
     if experts_implementation is not None:
         model_kwargs["experts_implementation"] = experts_implementation
@@ -357,12 +383,10 @@ def evaluate_checkpoint(
         results.update(_domain_results(lm, evaluated, limit, batch_size))
     results = _finite_or_none(results)
 
-    output_path = Path(output_path) if output_path else model_dir / RESULTS_FILENAME
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    output_path.write_text(json.dumps(results, indent=2) + "\n")
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
     if verbose:
         print(format_results(results, raw))
-        print(f"results written to {output_path}")
+        print(f"results written to {results_path}")
     return results
 
 
@@ -445,35 +469,7 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def add_eval_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "eval",
-        help="evaluate a checkpoint with lm-evaluation-harness (local tasks from the embedded corpus by default)",
-        description=(
-            "Runs lm_eval.simple_evaluate with lm-eval's `hf` model. Local tasks: remoe_arith, remoe_ppl_code, "
-            "remoe_ppl_docs (tags: remoe, remoe_ppl); standard lm-eval task names work when their data is reachable. "
-            "Per-domain token perplexity and routing sparsity of the evaluated text are reported alongside."
-        ),
-    )
-    parser.add_argument("model_dir", help="checkpoint folder (config.json, safetensors, tokenizer)")
-    parser.add_argument("--tasks", default="remoe", help="comma-separated task/group/tag names (default: remoe)")
-    parser.add_argument("--output_path", help=f"results JSON (default: MODEL_DIR/{RESULTS_FILENAME})")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N documents of each task")
-    parser.add_argument("--num_fewshot", type=int)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", help="cpu, cuda, cuda:0, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    parser.add_argument("--max_length", type=int, help="context length (default: max_position_embeddings)")
-    parser.add_argument("--experts_implementation", choices=("eager", "grouped_mm", "triton"))
-    parser.add_argument(
-        "--trust_remote_code", action="store_true", help="load through the checkpoint's remote code (auto_map)"
-    )
-    parser.add_argument("--include_path", action="append", default=[], help="extra lm-eval task folder (repeatable)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=_run_eval)
-
-
-def _run_eval(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     evaluate_checkpoint(
         args.model_dir,
         args.tasks,
@@ -489,10 +485,3 @@ def _run_eval(args: argparse.Namespace) -> None:
         output_path=args.output_path,
         seed=args.seed,
     )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _parser = argparse.ArgumentParser(prog="python -m remoe.training.evaluation")
-    add_eval_parser(_parser.add_subparsers(dest="command", required=True))
-    _args = _parser.parse_args(["eval", *sys.argv[1:]])
-    _args.run(_args)

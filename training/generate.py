@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import set_seed
 
-from remoe.kernels import IMPLEMENTATIONS
+from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, resolve_device
 
 from .routing import active_experts
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def _validate(model_dir: str, max_new_tokens: int, temperature: float, top_p: float, dtype: str) -> None:
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"model_dir {model_dir!r} is not a model folder (no config.json)")
+def _validate(
+    prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, dtype: str
+) -> None:
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("--prompt: every prompt must be non-empty text")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature <= 0:
@@ -27,6 +28,8 @@ def _validate(model_dir: str, max_new_tokens: int, temperature: float, top_p: fl
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if not do_sample and (temperature != 1.0 or top_p != 1.0):
+        raise ValueError("--temperature and --top_p apply to sampling: add --do_sample (greedy decoding ignores them)")
 
 
 @torch.no_grad()
@@ -51,15 +54,16 @@ def generate(
     show_routing: bool = False,
 ) -> list[dict]:
     """Complete each prompt; with `show_routing`, also report the experts every generated token used per layer."""
-    _validate(model_dir, max_new_tokens, temperature, top_p, dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    load_options = {"dtype": dtype, "use_safetensors": True}
+    _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype)
+    device = resolve_device(device)
+    config = check_checkpoint(model_dir)
+    if show_routing and config.router_type == "dense":
+        raise ValueError(f"--show_routing needs a ReMoE model with router_type relu or topk; {model_dir} is dense")
+    tokenizer = load_tokenizer(model_dir)
+    load_options = {"dtype": dtype}
     if experts_implementation is not None:
         load_options["experts_implementation"] = experts_implementation
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_options).to(device).eval()
-    if show_routing and getattr(model.config, "router_type", None) not in ("relu", "topk"):
-        raise ValueError(f"show_routing needs a ReMoE model with router_type relu or topk ({model_dir})")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_model(model_dir, **load_options).to(device).eval()
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     set_seed(seed)
     results = []
@@ -86,26 +90,7 @@ def generate(
     return results
 
 
-def add_generate_parser(subparsers) -> None:
-    parser = subparsers.add_parser("generate", help="complete prompts with a checkpoint (model.generate)")
-    parser.add_argument("model_dir")
-    parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto")
-    parser.add_argument("--experts_implementation", choices=IMPLEMENTATIONS)
-    parser.add_argument(
-        "--show_routing", action="store_true", help="print how many experts each new token used in each layer"
-    )
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     results = generate(
         args.model_dir,
         args.prompt,
