@@ -1,0 +1,235 @@
+"""Branch-Train-MiX: dense checkpoints (one per domain, branched from one seed) merged into one ReMoE MoE.
+
+The FFN of every layer of source i becomes expert i (optionally cut into `split` finer experts), attention, norms,
+embeddings and LM head are averaged (or taken from a base), and a new ReLU or TopK router is initialised
+(`routers.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import SafetensorsCheckpoint
+from ..configuration_remoe import ReMoEConfig
+from .architecture import (
+    Architecture,
+    check_dense,
+    check_source_tensors,
+    open_checkpoints,
+    read_architecture,
+)
+from .layer_plan import (
+    MIX_ROUTER_TYPES,
+    ExpertTensors,
+    check_choice,
+    check_positive_int,
+    controller_fields,
+    conversion_plan,
+    fused_gate_up,
+    remoe_config,
+    stacked_down,
+)
+from .routers import ROUTER_INITS, centroid_routers, random_router
+from .writer import OutputOptions
+
+SHARED_MODES = ("average", "base")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixOptions:
+    """How `btx_mix` builds the MoE: every keyword of `btx_mix` but those of the output.
+
+    Attributes:
+        seed_model: the seed the sources were branched from; with `seed_as_expert` it becomes a generalist expert
+            (the last one). It is also the base for `shared="base"` and the model that `router_init="centroid"` runs.
+        router_type: `"relu"` (ReMoE, sparsity target `1 - k/E`) or `"topk"`.
+        num_experts_per_tok: k (TopK's experts per token, ReMoE's target).
+        shared: `"average"`: attention, norms, embeddings and LM head are the mean of the expert sources;
+            `"base"`: copied from `seed_model` (or the first source).
+        router_init: `"random"` (normal, std `router_std`, default the source's `initializer_range`) or `"centroid"`:
+            from the mean hidden state of each domain's `router_texts` (one list of texts per source), see
+            `centroid_router`; at most `router_max_tokens` tokens of each list are used.
+        split: cut every FFN into `split` experts of width `ffn/split` (the granularity of the result).
+        expert_names: one name per source (default: folder names), written to `remoe_conversion.json`.
+        controller: `l1_coef_init`, `l1_coef_multiplier`, `load_balance`, `router_aux_loss_coef` of the result.
+    """
+
+    seed_model: str | os.PathLike | None = None
+    seed_as_expert: bool = False
+    router_type: str = "relu"
+    num_experts_per_tok: int = 2
+    shared: str = "average"
+    router_init: str = "random"
+    router_texts: Sequence[Sequence[str]] | None = None
+    router_max_tokens: int = 4096
+    split: int = 1
+    expert_names: Sequence[str] | None = None
+    router_std: float | None = None
+    seed: int = 0
+    controller: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_keywords(cls, keywords: dict[str, Any]) -> MixOptions:
+        """The options among `keywords`; every other keyword is a controller field."""
+        names = {field.name for field in dataclasses.fields(cls)} - {"controller"}
+        controller = {name: value for name, value in keywords.items() if name not in names}
+        return cls(**{name: value for name, value in keywords.items() if name in names}, controller=controller)
+
+    @property
+    def seed_path(self) -> Path | None:
+        return Path(self.seed_model) if self.seed_model is not None else None
+
+    def checked(self, num_sources: int) -> MixOptions:
+        """These options with the controller fields checked; `ValueError` for a bad option."""
+        if num_sources < 1 or num_sources + int(self.seed_as_expert) < 2:
+            raise ValueError("btx mix needs at least 2 experts (sources, plus the seed with seed_as_expert)")
+        if self.seed_as_expert and self.seed_model is None:
+            raise ValueError("seed_as_expert needs seed_model")
+        check_choice("router_type", self.router_type, MIX_ROUTER_TYPES)
+        check_choice("shared", self.shared, SHARED_MODES)
+        check_choice("router_init", self.router_init, ROUTER_INITS)
+        texts = self.router_texts
+        if self.router_init == "centroid" and (texts is None or len(texts) != num_sources):
+            raise ValueError(
+                f"router_init='centroid' needs router_texts: one list of texts per source ({num_sources}), "
+                f"got {0 if texts is None else len(texts)}"
+            )
+        if self.expert_names is not None and len(self.expert_names) != num_sources:
+            raise ValueError(f"expert_names needs one name per source ({num_sources}), got {len(self.expert_names)}")
+        check_positive_int("split", self.split)
+        return dataclasses.replace(self, controller=controller_fields(self.controller))
+
+
+def _unique_names(names: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def _check_same_architecture(archs: list[Architecture], paths: list[Path]) -> None:
+    """Raise `ValueError` naming the differences unless all sources share the first one's architecture."""
+    for arch, path in zip(archs[1:], paths[1:], strict=True):
+        differences = archs[0].describe_difference(arch)
+        if differences:
+            raise ValueError(
+                f"sources must share one architecture; {str(paths[0])!r} and {str(path)!r} differ: "
+                f"{'; '.join(differences)}. (A Llama/Mistral/Qwen2 seed is first converted to a dense ReMoE "
+                "checkpoint by `remoe convert` / `remoe btx branch`: mix the converted seed.)"
+            )
+
+
+def _checked_architecture(
+    checkpoints: list[SafetensorsCheckpoint], paths: list[Path], seed_path: Path | None, split: int
+) -> Architecture:
+    """The one dense architecture of all sources (and the seed), their tensors checked."""
+    archs = [read_architecture(checkpoint) for checkpoint in checkpoints]
+    for arch, path in zip(archs, paths, strict=True):
+        check_dense(arch, path, "btx mix source" if path != seed_path else "seed_model")
+    _check_same_architecture(archs, paths)
+    for checkpoint, arch in zip(checkpoints, archs, strict=True):
+        check_source_tensors(checkpoint, arch)
+    if archs[0].ffn_size % split:
+        raise ValueError(f"split={split} must divide the FFN width {archs[0].ffn_size}")
+    return archs[0]
+
+
+def _router(mix: MixOptions, config: ReMoEConfig, reference: Path) -> Callable[[int], torch.Tensor]:
+    """A layer's router rows: centroid rows (computed here, from the model at `reference`) or random ones."""
+    if mix.router_init == "centroid":
+        rows = centroid_routers(
+            reference, mix.router_texts, generalist=mix.seed_as_expert, max_tokens=mix.router_max_tokens
+        )  # (L, experts, H)
+        return lambda layer: rows[layer].repeat_interleave(mix.split, dim=0)
+    std = mix.router_std if mix.router_std is not None else config.initializer_range
+    return lambda layer: random_router(config.num_routed_experts, config.hidden_size, std, mix.seed, layer)
+
+
+def _experts(sources: list[SafetensorsCheckpoint], chunk: int, router: Callable[[int], torch.Tensor]) -> ExpertTensors:
+    """Each source's FFN cut into experts of width `chunk`, in source order."""
+
+    def get(name: str, layer: int) -> list[torch.Tensor]:
+        return [source.get(f"model.layers.{layer}.mlp.{name}.weight") for source in sources]
+
+    def gate_up(layer: int) -> torch.Tensor:
+        return fused_gate_up(zip(get("gate_proj", layer), get("up_proj", layer), strict=True), chunk)
+
+    return ExpertTensors(router, gate_up, lambda layer: stacked_down(get("down_proj", layer), chunk))
+
+
+def btx_mix(
+    sources: Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    **options: Any,
+) -> Path:
+    """Merge dense checkpoints (one per domain) into a ReMoE MoE checkpoint (Branch-Train-MiX).
+
+    Args:
+        sources: dense checkpoint folders (Llama, Mistral, Qwen2 or dense ReMoE, one architecture); the FFN of each
+            layer of source i becomes expert i.
+        output_dir: where the ReMoE checkpoint is written (must not exist or be empty unless `overwrite`).
+        dtype: dtype of the result (default: the first source's).
+        options: the fields of `MixOptions` (`seed_model`, `seed_as_expert`, `router_type`, `num_experts_per_tok`,
+            `shared`, `router_init`, `router_texts`, `router_max_tokens`, `split`, `expert_names`, `router_std`,
+            `seed`) and the controller fields `l1_coef_init`, `l1_coef_multiplier`, `load_balance`,
+            `router_aux_loss_coef` of the result.
+
+    Returns the output folder. Raises `ValueError` (before writing) for bad options or mismatched sources.
+    """
+    source_paths = [Path(p) for p in sources]
+    mix = MixOptions.from_keywords(options).checked(len(source_paths))
+    output = OutputOptions(Path(output_dir), dtype, max_shard_size, overwrite)
+    seed_path = mix.seed_path
+    all_paths = source_paths + ([seed_path] if seed_path is not None else [])
+    output.check(all_paths)
+
+    with open_checkpoints(all_paths) as checkpoints:
+        arch = _checked_architecture(checkpoints, all_paths, seed_path, mix.split)
+        expert_sources = checkpoints[: len(source_paths)]
+        seed_checkpoint = checkpoints[-1] if seed_path is not None else None
+        if mix.seed_as_expert:
+            expert_sources = [*expert_sources, seed_checkpoint]
+        names = list(mix.expert_names or [p.name for p in source_paths]) + (["seed"] if mix.seed_as_expert else [])
+        config = remoe_config(
+            arch,
+            checkpoints[0].config_dict,
+            intermediate_size=arch.ffn_size,
+            num_experts=len(expert_sources),
+            num_experts_per_tok=mix.num_experts_per_tok,
+            granularity=mix.split,
+            router_type=mix.router_type,
+            moe_layer_freq=1,
+            **mix.controller,
+        )
+        output.dtype_for(checkpoints[0])  # a bad dtype fails before the centroid init runs a model
+        shared_sources = expert_sources if mix.shared == "average" else [seed_checkpoint or checkpoints[0]]
+        router = _router(mix, config, seed_path or source_paths[0])
+        plan = conversion_plan(
+            arch, config, shared_sources, _experts(expert_sources, config.expert_intermediate_size, router)
+        )
+        split = mix.split
+        info = {
+            "method": "btx_mix",
+            "sources": [str(p) for p in source_paths],
+            "seed_model": str(seed_path) if seed_path is not None else None,
+            "experts": [
+                {"name": name, "source": str(source.path), "routed_experts": list(range(i * split, (i + 1) * split))}
+                for i, (name, source) in enumerate(zip(_unique_names(names), expert_sources, strict=True))
+            ],
+            "shared": mix.shared,
+            "router_init": mix.router_init,
+            "split": split,
+        }
+        return output.write(plan, config, checkpoints, info, "btx mix")
