@@ -19,18 +19,11 @@ import shlex
 import time
 from pathlib import Path
 
+import remoe_cli
 import torch
 import yaml
 
-from remoe.training import cli
-from remoe.training.btx import (
-    add_btx_parser,
-    add_convert_parser,
-    add_upcycle_parser,
-    evaluate_domains,
-    loss_table,
-    routing_table,
-)
+from remoe.training.btx import evaluate_domains, loss_table, routing_table
 
 RUN = {
     "model": {
@@ -65,12 +58,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "btx_
 
 
 def remoe(*argv) -> None:
-    """Run one `remoe` command line (the BTX subcommands registered whether or not cli.py lists them yet)."""
+    """Run one `remoe` command line in this process."""
     argv = [str(arg) for arg in argv]
     print(f"\n$ remoe {shlex.join(argv)}", flush=True)
-    extra = tuple(f for f in (add_btx_parser, add_upcycle_parser, add_convert_parser) if f not in cli.SUBCOMMANDS)
-    cli.SUBCOMMANDS = cli.SUBCOMMANDS + extra
-    if cli.main(argv) != 0:
+    if remoe_cli.main(argv) != 0:
         raise SystemExit(f"remoe {argv[0]} failed")
 
 

@@ -6,7 +6,8 @@ weights (never unpickled), a truncated or corrupt safetensors file, or weights t
 unexpected or differently shaped tensors, e.g. a config with 2 layers over weights with 4).
 
 `SafetensorsCheckpoint` gives lazy, memory-mapped access to the tensors of any Transformers checkpoint folder (the
-conversion code reads its sources through it).
+conversion code reads its sources through it). `replace_folder` publishes a finished folder in one rename (the
+conversion writer, the Trainer's staged saves and the embedded corpus cache all publish through it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +277,22 @@ __all__ = [
     "read_safetensors_header",
     "resolve_device",
 ]
+
+
+def replace_folder(
+    source: str | os.PathLike, target: str | os.PathLike, keep_existing: Callable[[], bool] | None = None
+):
+    """Publish the finished folder `source` as `target` with one rename. An existing `target` is first moved aside
+    (and deleted after), unless `keep_existing()` says to keep it (another process published first: `source` is
+    then deleted)."""
+    source, target = Path(source), Path(target)
+    trash = None
+    if os.path.lexists(target):
+        if keep_existing is not None and keep_existing():
+            shutil.rmtree(source, ignore_errors=True)
+            return
+        trash = target.with_name(f".trash-{target.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(target, trash)
+    os.replace(source, target)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() and not trash.is_symlink() else trash.unlink()

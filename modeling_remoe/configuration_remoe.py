@@ -176,7 +176,7 @@ class ReMoEConfig(PreTrainedConfig):
             raise ValueError(f"`router_renormalize` applies to router_type='topk' only, got {self.router_type!r}")
         if self.moe_layer_freq < 1:
             raise ValueError(f"`moe_layer_freq` must be >= 1, got {self.moe_layer_freq}")
-        if self.router_type != "dense" and self.moe_layer_freq > self.num_hidden_layers:
+        if self.has_experts and self.moe_layer_freq > self.num_hidden_layers:
             raise ValueError(
                 f"`moe_layer_freq` ({self.moe_layer_freq}) must be <= num_hidden_layers ({self.num_hidden_layers}) so "
                 "that at least one layer is MoE; use router_type='dense' for a model without experts"
@@ -208,9 +208,24 @@ class ReMoEConfig(PreTrainedConfig):
         """ReMoE's sparsity target `1 - k / E`."""
         return 1.0 - self.num_experts_per_tok / self.num_experts
 
+    @property
+    def has_experts(self) -> bool:
+        """Whether the model has routed MoE layers (every router type but `"dense"`)."""
+        return self.router_type != "dense"
+
+    @property
+    def uses_l1_controller(self) -> bool:
+        """Whether training adds ReMoE's L1 regulariser, scaled by the controller's adaptive lambda (ReLU routing)."""
+        return self.router_type == "relu"
+
+    @property
+    def num_moe_layers(self) -> int:
+        """Decoder layers with an MoE FFN."""
+        return sum(self.is_moe_layer(layer_idx) for layer_idx in range(self.num_hidden_layers))
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` has an MoE FFN."""
-        return self.router_type != "dense" and (layer_idx + 1) % self.moe_layer_freq == 0
+        return self.has_experts and (layer_idx + 1) % self.moe_layer_freq == 0
 
 
 __all__ = ["ReMoEConfig"]

@@ -27,7 +27,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_remoe import ReMoEConfig
+from .configuration_remoe import ReMoEConfig, experts_implementations
 
 # Transformers' experts functions (`batched_mm`, `grouped_mm`, ...), plus the Triton kernels when `remoe` is installed.
 REMOE_EXPERTS_FUNCTIONS = ExpertsInterface()
@@ -347,7 +347,7 @@ class ReMoEL1Controller(nn.Module):
         self.target_sparsity = config.target_sparsity
         self.multiplier = config.l1_coef_multiplier
         self.num_experts = config.num_routed_experts
-        self.num_moe_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
+        self.num_moe_layers = config.num_moe_layers
         self.register_buffer("l1_coef", torch.tensor(config.l1_coef_init, dtype=torch.float32))
         self.reset_statistics()
 
@@ -394,34 +394,39 @@ class ReMoEL1Controller(nn.Module):
         if num_tokens.item() == 0:
             return {}
 
-        layer_density = tokens_per_expert.sum(dim=1) / (num_tokens * self.num_experts)
-        sparsity = 1.0 - layer_density.mean().item()
+        sparsity_per_layer = layer_sparsity(tokens_per_expert, num_tokens)
+        sparsity = sparsity_per_layer.mean().item()
         if update_l1_coef:
             factor = self.multiplier if sparsity < self.target_sparsity else 1.0 / self.multiplier
             self.l1_coef.mul_(torch.tensor(factor, dtype=torch.float32, device=self.l1_coef.device))
         load = tokens_per_expert / tokens_per_expert.mean(dim=1, keepdim=True).clamp_min(1e-12)
         metrics = {"remoe/sparsity": sparsity, "remoe/l1_coef": self.l1_coef.item()}
-        metrics["remoe/experts_per_token"] = (layer_density.mean() * self.num_experts).item()
-        for layer, (density, layer_load) in enumerate(zip(layer_density.tolist(), load.tolist(), strict=True)):
-            metrics[f"remoe/sparsity/layer_{layer}"] = 1.0 - density
+        metrics["remoe/experts_per_token"] = (1.0 - sparsity) * self.num_experts
+        for layer, (layer_value, layer_load) in enumerate(zip(sparsity_per_layer.tolist(), load.tolist(), strict=True)):
+            metrics[f"remoe/sparsity/layer_{layer}"] = layer_value
             metrics[f"remoe/max_load/layer_{layer}"] = max(layer_load)
         return metrics
 
 
-def _topk_expert_counts(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Tokens sent to each expert by top-k routing: (E,) float (histc avoids bincount's host sync on CUDA)."""
-    num_experts = router_logits.shape[-1]
-    top_indices = torch.topk(router_logits, top_k, dim=-1).indices
-    return torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
+def active_experts(router_logits: torch.Tensor, config: ReMoEConfig) -> torch.Tensor:
+    """Which experts each token uses, `(T, E)` booleans: the positive ReLU gates, or the top-k router logits.
+
+    The one definition of routing behind every statistic: the controller's sparsity, evaluation, `remoe analyze`,
+    BTX's domain shares and `remoe generate --show_routing`."""
+    if config.router_type == "relu":
+        return router_logits > 0
+    top_indices = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
+    return torch.zeros_like(router_logits, dtype=torch.bool).scatter_(-1, top_indices, True)
 
 
-def routing_statistics(router_logits: tuple[torch.Tensor, ...], router_type: str, top_k: int) -> torch.Tensor:
-    """Tokens routed to each expert, per layer: (L, E)."""
-    if router_type == "relu":
-        counts = [(logits > 0).sum(dim=0).float() for logits in router_logits]
-    else:
-        counts = [_topk_expert_counts(logits.detach(), top_k) for logits in router_logits]
-    return torch.stack(counts).detach()
+def expert_token_counts(router_logits: tuple[torch.Tensor, ...], config: ReMoEConfig) -> torch.Tensor:
+    """Tokens routed to each expert, per MoE layer: `(L, E)` float32, no gradient."""
+    return torch.stack([active_experts(logits.detach(), config).sum(dim=0) for logits in router_logits]).float()
+
+
+def layer_sparsity(tokens_per_expert: torch.Tensor, num_tokens: float | torch.Tensor) -> torch.Tensor:
+    """Per-layer sparsity `1 - nnz / (T * E)` from `(L, E)` counts over `num_tokens` tokens: `(L,)`."""
+    return 1.0 - tokens_per_expert.sum(dim=-1) / (num_tokens * tokens_per_expert.shape[-1])
 
 
 def l1_regularization_loss(
@@ -449,7 +454,10 @@ def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: i
         probs = F.softmax(logits.float(), dim=-1)
         num_tokens, num_experts = probs.shape
         num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
-        fraction = _topk_expert_counts(logits.detach().float(), top_k) / (num_tokens * top_k)
+        top_indices = torch.topk(logits.detach(), top_k, dim=-1).indices
+        # histc, not bincount: no host sync on CUDA.
+        counts = torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
+        fraction = counts / (num_tokens * top_k)
         losses.append(num_experts * (fraction * probs.sum(dim=0) / num_tokens).sum())
     return torch.stack(losses).mean()
 
@@ -486,11 +494,19 @@ class ReMoEPreTrainedModel(PreTrainedModel):
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Transformers' names (`eager`, `batched_mm`, `grouped_mm`, ...) and, with `remoe` installed, `triton`."""
-        if requested_experts not in (None, "eager", *REMOE_EXPERTS_FUNCTIONS):
-            hint = " (needs the `remoe` package and triton)" if requested_experts == "triton" else ""
+        if requested_experts not in (None, *experts_implementations()):
             raise ValueError(
-                f"`experts_implementation` must be one of {['eager', *REMOE_EXPERTS_FUNCTIONS]} for ReMoE, "
-                f"got {requested_experts!r}{hint}"
+                f"`experts_implementation` must be one of {experts_implementations()} for ReMoE, "
+                f"got {requested_experts!r}"
+            )
+        if (
+            requested_experts is not None
+            and requested_experts != "eager"
+            and requested_experts not in REMOE_EXPERTS_FUNCTIONS
+        ):
+            raise ValueError(
+                f"`experts_implementation={requested_experts!r}` is not available here (it needs the `remoe` package "
+                f"and triton); available: {['eager', *REMOE_EXPERTS_FUNCTIONS]}"
             )
         if requested_experts == "triton":
             return requested_experts
@@ -571,7 +587,7 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         self.model = ReMoEModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.controller = ReMoEL1Controller(config) if config.router_type != "dense" else None
+        self.controller = ReMoEL1Controller(config) if config.has_experts else None
         # lambda is fp32 model state, also when the model is loaded in bf16 or fp16 (dense models have none).
         self._keep_in_fp32_modules_strict = ["controller"] if self.controller is not None else []
         self.post_init()
@@ -580,7 +596,7 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         """Close the optimizer step: reduce the routing statistics, update lambda (ReLU routing), return metrics."""
         if self.controller is None:
             return {}
-        return self.controller.update(process_group, update_l1_coef=self.config.router_type == "relu")
+        return self.controller.update(process_group, update_l1_coef=self.config.uses_l1_controller)
 
     @property
     def l1_coef(self) -> float | None:
@@ -628,15 +644,14 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         aux_loss = None
         if has_router and (output_router_logits or regularize):
             router_logits = _valid_token_rows(outputs.router_logits, attention_mask)
-            if self.config.router_type == "relu":
+            if self.config.uses_l1_controller:
                 aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
                 coef = self.controller.l1_coef
             else:
                 aux_loss = switch_load_balancing_loss(router_logits, self.config.routed_top_k)
                 coef = self.config.router_aux_loss_coef
             if regularize:
-                stats = routing_statistics(router_logits, self.config.router_type, self.config.routed_top_k)
-                self.controller.record(stats, router_logits[0].shape[0])
+                self.controller.record(expert_token_counts(router_logits, self.config), router_logits[0].shape[0])
             if loss is not None:
                 loss = loss + coef * aux_loss.to(loss.device)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer
+from remoe.modeling_remoe import active_experts
+from remoe.records import RoutingAnalysis
 
 from .data import load_text_dataset, pack_dataset
-from .routing import active_experts
 from .run_config import check_writable_folder
 
 
@@ -54,7 +54,7 @@ def record_routing(model, blocks, batch_size: int = 8) -> RoutingRecorder:
     """Run `blocks` (rows with `input_ids` and `domain`) through the model and record every routing decision."""
     config = model.config
     domains = sorted(set(blocks["domain"]))
-    num_layers = sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers))
+    num_layers = config.num_moe_layers
     recorder = RoutingRecorder(num_layers, config.num_routed_experts, config.vocab_size, domains)
     device = next(model.parameters()).device
     model.eval()
@@ -85,7 +85,7 @@ def summarize(recorder: RoutingRecorder, config, min_count: int = 5) -> dict:
         "router_type": config.router_type,
         "num_experts": num_experts,
         "num_experts_per_tok": config.num_experts_per_tok,
-        "target_sparsity": config.target_sparsity if config.router_type == "relu" else None,
+        "target_sparsity": config.target_sparsity if config.uses_l1_controller else None,
         "num_tokens": int(recorder.num_tokens),
         "sparsity": float(sparsity.mean()),
         "experts_per_token": float(layer_tokens.sum() / (recorder.num_tokens * num_layers)),
@@ -208,7 +208,7 @@ def analyze(
 ) -> dict:
     """Analyse the routing of the checkpoint in `model_dir` on the validation split of `dataset`."""
     config = check_checkpoint(model_dir)
-    if config.router_type == "dense":
+    if not config.has_experts:
         raise ValueError(f"{model_dir}: remoe analyze needs a ReMoE model with router_type relu or topk, not dense")
     if max_blocks_per_domain < 1 or batch_size < 1:
         raise ValueError(
@@ -229,7 +229,7 @@ def analyze(
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     summary["figures"] = [path.name for path in plot_figures(recorder, summary, output)]
-    (output / "routing_analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
+    RoutingAnalysis.from_dict(summary, strict=True).write(output)
     print(
         f"sparsity {summary['sparsity']:.4f}, experts/token {summary['experts_per_token']:.3f}, "
         f"rare-vs-frequent correlation {summary['frequency_correlation']['value']:.3f}; wrote {output}"

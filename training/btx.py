@@ -7,8 +7,8 @@
 - `remoe btx finetune MIXED --output_dir OUT`: MoE finetuning on the union of the data (controller for ReLU, Switch
   load balancing for TopK), optionally with frozen experts.
 - `remoe btx eval MODEL...`: per-domain validation loss and per-domain routing shares, as a markdown table.
-- `remoe upcycle DENSE --num_experts E`: sparse upcycling (`remoe.conversion.upcycle`).
-- `remoe convert CHECKPOINT`: Mixtral / ReMoE MoE -> ReMoE (ReLU or TopK), dense Llama-family -> dense ReMoE.
+
+`remoe upcycle` and `remoe convert` are in `remoe.training.convert`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import torch
 
 from remoe import conversion
 from remoe.checkpoints import check_checkpoint, load_any_model, load_tokenizer
+from remoe.modeling_remoe import expert_token_counts
 
-from .routing import active_experts
+from .convert import CONTROLLER_OPTIONS, WRITER_OPTIONS, cli_options
+from .run_config import CONTINUATION_FLAGS, DATA_FLAGS, TRAINING_FLAGS, resolve_run
 
 BRANCH_FILE = "btx_branch.json"
 JOB_FILE = "btx_job.json"
@@ -33,23 +35,9 @@ JOB_FILE = "btx_job.json"
 TRAIN_PASSTHROUGH = (
     "config",
     "preset",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "logging_steps",
-    "save_steps",
-    "bf16",
-    "seed",
-    "dataset",
-    "text_column",
-    "tokenizer",
-    "block_size",
-    "max_eval_blocks",
-    "l1_coef_init",
-    "l1_coef_multiplier",
-    "load_balance",
-    "router_aux_loss_coef",
+    *TRAINING_FLAGS,
+    *(name for name in DATA_FLAGS if name not in ("domains", "vocab_size")),
+    *CONTINUATION_FLAGS,
 )
 
 
@@ -83,8 +71,6 @@ def _check_train_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _validate_run_options(options: dict[str, Any]) -> None:
     """The preset/config, data and training sections must be valid before any conversion or training starts."""
-    from .run_config import resolve_run
-
     resolve_run({key: value for key, value in options.items() if key not in conversion.CONTROLLER_FIELDS})
 
 
@@ -311,7 +297,7 @@ def finetune(
 
     options = _check_train_options(dict(train_options or {}))
     config = check_checkpoint(model_dir)
-    if config.router_type == "dense":
+    if not config.has_experts:
         raise ValueError(f"{str(model_dir)!r} is a dense ReMoE; finetune an MoE made by `remoe btx mix` or `upcycle`")
     _validate_run_options(options)
     job = {**options, "model_name_or_path": str(model_dir), "output_dir": str(output_dir)}
@@ -362,7 +348,7 @@ def evaluate_domains(
     tokenizer = load_tokenizer(model_dir)
     validation = pack_dataset(load_text_dataset(dataset, seed=seed)["validation"], tokenizer, block_size)
     config = model.config
-    is_moe = getattr(config, "router_type", "dense") != "dense"
+    is_moe = getattr(config, "has_experts", False)  # a dense source may be a Llama-family model
     names, groups = expert_groups(model_dir, config.num_routed_experts) if is_moe else ([], [])
     results: dict[str, Any] = {"model": str(model_dir), "losses": {}, "routing_shares": {}, "experts_per_token": {}}
     for domain in sorted(set(validation["domain"])):
@@ -376,9 +362,7 @@ def evaluate_domains(
             logits = output.logits[:, :-1].flatten(0, 1).float()
             loss_sum += torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten()).item() * len(batch)
             if is_moe:
-                layer_counts = torch.stack(
-                    [active_experts(logits, config).sum(dim=0).double() for logits in output.router_logits]
-                )
+                layer_counts = expert_token_counts(output.router_logits, config).double()
                 counts = layer_counts if counts is None else counts + layer_counts
                 active_tokens += batch.numel()
         results["losses"][domain] = loss_sum / len(blocks)
@@ -420,16 +404,8 @@ def routing_table(result: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _options(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-
-
-_CONTROLLER = conversion.CONTROLLER_FIELDS
-_WRITER = ("dtype", "max_shard_size", "overwrite")
-
-
 def run_branch(args: argparse.Namespace) -> None:
-    options = _options(args, TRAIN_PASSTHROUGH)
+    options = cli_options(args, TRAIN_PASSTHROUGH)
     result = branch(
         args.seed_model,
         args.output_dir,
@@ -455,8 +431,8 @@ def run_mix(args: argparse.Namespace) -> None:
         "router_std",
         "router_max_tokens",
         "seed",
-        *_WRITER,
-        *_CONTROLLER,
+        *WRITER_OPTIONS,
+        *CONTROLLER_OPTIONS,
     )
     out = mix(
         args.sources,
@@ -467,13 +443,13 @@ def run_mix(args: argparse.Namespace) -> None:
         seed_model=args.seed_model,
         expert_names=args.expert_names,
         router_init=args.router_init,
-        **_options(args, names),
+        **cli_options(args, names),
     )
     print(f"remoe btx mix: wrote {out}")
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    options = _options(args, (*TRAIN_PASSTHROUGH, "dataset"))
+    options = cli_options(args, (*TRAIN_PASSTHROUGH, "dataset"))
     finetune(
         args.model, args.output_dir, train_options=options, domains=args.domains, freeze_experts=args.freeze_experts
     )
@@ -493,17 +469,3 @@ def run_eval(args: argparse.Namespace) -> None:
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n")
-
-
-def run_upcycle(args: argparse.Namespace) -> None:
-    names = ("granularity", "mode", "router_type", "num_experts_per_tok", "noise", "router_std", "seed")
-    out = conversion.upcycle(
-        args.source, args.output_dir, num_experts=args.num_experts, **_options(args, (*names, *_WRITER, *_CONTROLLER))
-    )
-    print(f"remoe upcycle: wrote {out}")
-
-
-def run_convert(args: argparse.Namespace) -> None:
-    names = ("num_experts_per_tok", *_WRITER, *_CONTROLLER)
-    out = conversion.convert(args.source, args.output_dir, router_type=args.router_type, **_options(args, names))
-    print(f"remoe convert: wrote {out}")

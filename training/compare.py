@@ -13,11 +13,15 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from remoe.configuration_remoe import ROUTER_TYPES
+from remoe.records import TrainingMetrics
+
 from .run_config import resolve_run
 from .train import train
 from .trainer import last_complete_checkpoint
 
 ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
+Run = tuple[TrainingMetrics, list[dict]]  # one seed's metrics.json and log_history.json
 
 
 def _run_name(router_type: str, num_experts: int, seed: int) -> str:
@@ -35,9 +39,9 @@ def compare(
     """Train every (router type, E, seed) once (runs with a `metrics.json` are reused) and tabulate the results."""
     if not seeds or not router_types or not num_experts:
         raise ValueError("--seeds, --router_types and --num_experts each need at least one value")
-    unknown = sorted(set(router_types) - set(ROUTER_COLORS))
+    unknown = sorted(set(router_types) - set(ROUTER_TYPES))
     if unknown:
-        raise ValueError(f"--router_types must be among {sorted(ROUTER_COLORS)}, got {unknown}")
+        raise ValueError(f"--router_types must be among {list(ROUTER_TYPES)}, got {unknown}")
     output = Path(output_dir)
     planned = []
     for router_type in router_types:
@@ -58,13 +62,13 @@ def compare(
                     else:
                         options["overwrite"] = True
                 planned.append((router_type, experts, run_dir, options))
-    runs: dict[tuple[str, int], list[dict]] = {}
+    runs: dict[tuple[str, int], list[Run]] = {}
     for router_type, experts, run_dir, options in planned:
-        if not (run_dir / "metrics.json").exists():
+        if not (run_dir / TrainingMetrics.FILENAME).exists():
             train(options)
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        metrics["log_history"] = json.loads((run_dir / "log_history.json").read_text())
-        runs.setdefault((router_type, experts), []).append(metrics)
+        metrics = TrainingMetrics.load(run_dir)
+        log_history = json.loads((run_dir / "log_history.json").read_text())
+        runs.setdefault((router_type, experts), []).append((metrics, log_history))
     summary = _summarize(runs)
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -102,19 +106,24 @@ def _mean_spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values)}
 
 
-def _summarize(runs: dict[tuple[str, int], list[dict]]) -> dict:
+def _summarize(runs: dict[tuple[str, int], list[Run]]) -> dict:
     rows = []
-    for (router_type, experts), metrics in runs.items():
+    for (router_type, experts), seeded in runs.items():
+        metrics = [m for m, _ in seeded]
         row = {"router_type": router_type, "num_experts": None if router_type == "dense" else experts}
-        row["seeds"] = [m["seed"] for m in metrics]
-        row["active_parameters"] = metrics[0]["active_parameters"]
-        row["total_parameters"] = metrics[0]["total_parameters"]
-        for key in ("validation_loss", "validation_code_loss", "validation_docs_loss", "validation_math_loss"):
-            if all(key in m for m in metrics):
-                row[key] = _mean_spread([m[key] for m in metrics])
+        row["seeds"] = [m.seed for m in metrics]
+        row["active_parameters"] = metrics[0].active_parameters
+        row["total_parameters"] = metrics[0].total_parameters
+        losses = {"validation_loss": [m.validation_loss for m in metrics]}
+        for domain in ("code", "docs", "math"):
+            splits = [m.validation_domains.get(domain) for m in metrics]
+            losses[f"validation_{domain}_loss"] = [split.loss if split else None for split in splits]
+        for key, values in losses.items():
+            if None not in values:
+                row[key] = _mean_spread(values)
         if router_type != "dense":
-            row["validation_sparsity"] = _mean_spread([m["validation_sparsity"] for m in metrics])
-        row["tokens_per_second"] = _mean_spread([m["tokens_per_second"] for m in metrics])
+            row["validation_sparsity"] = _mean_spread([m.validation_sparsity for m in metrics])
+        row["tokens_per_second"] = _mean_spread([m.tokens_per_second for m in metrics])
         rows.append(row)
     return {"runs": rows}
 
@@ -154,16 +163,16 @@ def _shade(color: str, index: int, count: int) -> tuple[float, float, float]:
     return tuple(channel + (1 - channel) * mix for channel in (red, green, blue))
 
 
-def _plot_curves(runs: dict[tuple[str, int], list[dict]], path: Path) -> None:
+def _plot_curves(runs: dict[tuple[str, int], list[Run]], path: Path) -> None:
     fig, (loss_axis, sparsity_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     expert_counts = {router_type: sorted(e for r, e in runs if r == router_type) for router_type, _ in runs}
-    for (router_type, experts), metrics in runs.items():
+    for (router_type, experts), seeded in runs.items():
         label = router_type if router_type == "dense" else f"{router_type} E={experts}"
         color = _shade(
             ROUTER_COLORS[router_type], expert_counts[router_type].index(experts), len(expert_counts[router_type])
         )
-        for index, run in enumerate(metrics):
-            entries = [entry for entry in run["log_history"] if "loss" in entry]
+        for index, (_, log_history) in enumerate(seeded):
+            entries = [entry for entry in log_history if "loss" in entry]
             steps = [entry["step"] for entry in entries]
             loss_axis.plot(
                 steps, [e["loss"] for e in entries], color=color, alpha=0.6, label=label if index == 0 else None
@@ -189,7 +198,7 @@ def _plot_curves(runs: dict[tuple[str, int], list[dict]], path: Path) -> None:
 
 def _plot_scaling(summary: dict, path: Path) -> None:
     fig, axis = plt.subplots(figsize=(6, 3.5))
-    for router_type in ("topk", "relu"):
+    for router_type in (name for name in ROUTER_TYPES if name != "dense"):
         rows = sorted((r for r in summary["runs"] if r["router_type"] == router_type), key=lambda r: r["num_experts"])
         if rows:
             axis.errorbar(

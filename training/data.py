@@ -1,10 +1,15 @@
-"""Data pipeline: the embedded default corpus, text dataset loading, tokenizer training and packing."""
+"""The data stage of a run: the embedded default corpus, text dataset loading (local files, the Hub, streaming),
+tokenizer loading or training, and packing into fixed-length blocks.
+
+`prepare_data` is the whole stage for `remoe train`: tokenizer, corpus, domain selection and packed splits.
+"""
 
 from __future__ import annotations
 
 import array
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -17,17 +22,19 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, default_data_collator
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, default_data_collator
+
+from remoe.checkpoints import load_tokenizer, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -199,16 +206,9 @@ def _generate_corpus(max_bytes_per_domain: int) -> datasets.DatasetDict:
 
 
 def _atomic_publish(tmp: Path, final: Path, keep_existing: Callable[[], bool]) -> None:
-    """Rename `tmp` to `final`; an existing `final` is kept if keep_existing() (another process won the race)."""
-    if final.exists():
-        if keep_existing():
-            return
-        trash = final.with_name(f".{final.name}.old-{uuid.uuid4().hex}")
-        with contextlib.suppress(OSError):
-            os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    """Publish `tmp` as `final`; a concurrent process that published first wins (its folder is then loaded)."""
     with contextlib.suppress(OSError):
-        os.replace(tmp, final)
+        replace_folder(tmp, final, keep_existing)
 
 
 def _load_corpus(path: Path, params: dict) -> datasets.DatasetDict | None:
@@ -456,6 +456,12 @@ def load_or_train_tokenizer(
     return load() or tok
 
 
+def _tokenize_documents(tokenizer, texts: list[str | None], eos: int | None) -> list[list[int]]:
+    """Token ids of each document (no special tokens), with `eos` appended when given."""
+    ids = tokenizer([text or "" for text in texts], add_special_tokens=False, verbose=False)["input_ids"]
+    return [[*document, eos] for document in ids] if eos is not None else ids
+
+
 def pack_dataset(
     dataset: datasets.Dataset, tokenizer, block_size: int, *, num_proc: int | None = None, add_eos: bool = True
 ) -> datasets.Dataset:
@@ -470,8 +476,7 @@ def pack_dataset(
     has_domain = "domain" in dataset.column_names
 
     def tokenize(batch: dict) -> dict:
-        ids = tokenizer([t or "" for t in batch["text"]], add_special_tokens=False, verbose=False)["input_ids"]
-        ids = [[*x, eos] for x in ids] if add_eos else ids
+        ids = _tokenize_documents(tokenizer, batch["text"], eos if add_eos else None)
         return {"input_ids": ids, "domain": batch["domain"] if has_domain else ["default"] * len(ids)}
 
     columns = dataset.column_names
@@ -514,3 +519,107 @@ def packed_splits(
     return datasets.DatasetDict(
         {s: pack_dataset(dataset_dict[s], tokenizer, block_size, num_proc=num_proc) for s in splits}
     )
+
+
+def pack_iterable(dataset, tokenizer, block_size: int, *, keep_domain: bool = False, batch_size: int = 1000):
+    """Streaming packing: tokenize `batch_size` documents at a time, append eos, concatenate per domain and cut into
+    blocks of `block_size` ids (each batch's remainder is dropped, as in Transformers' `run_clm.py`)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token; set one to pack documents")
+
+    def pack(batch: dict) -> dict:
+        streams: dict[str, list[int]] = {}
+        for domain, document in zip(batch["domain"], _tokenize_documents(tokenizer, batch["text"], eos), strict=True):
+            streams.setdefault(domain, []).extend(document)
+        blocks, domains = [], []
+        for domain, stream in streams.items():
+            count = len(stream) // block_size
+            blocks += [stream[i * block_size : (i + 1) * block_size] for i in range(count)]
+            domains += [domain] * count
+        return {"input_ids": blocks, "domain": domains} if keep_domain else {"input_ids": blocks}
+
+    return dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=["text", "domain"])
+
+
+def streaming_packed_splits(corpus, tokenizer, block_size: int, max_eval_blocks: int, seed: int) -> dict:
+    """`--streaming`: the train split stays an `IterableDataset` (shuffled through a buffer and packed on the fly;
+    the Trainer's data loader reads it on rank 0 and dispatches each rank its own batches, so no sample is seen
+    twice); the first `4 * max_eval_blocks` packed validation blocks are kept in memory for the final evaluation."""
+    train = pack_iterable(corpus["train"].shuffle(seed=seed, buffer_size=10_000), tokenizer, block_size)
+    if next(iter(train), None) is None:
+        raise ValueError(f"the streaming dataset is empty or has fewer than block_size={block_size} tokens")
+    validation_blocks = pack_iterable(corpus["validation"], tokenizer, block_size, keep_domain=True)
+    rows = list(itertools.islice(validation_blocks, 4 * max_eval_blocks))
+    if not rows:
+        raise ValueError(f"the streaming validation split has fewer than block_size={block_size} tokens")
+    features = datasets.Features(
+        {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string")}
+    )
+    return {"train": train, "validation": datasets.Dataset.from_list(rows, features=features)}
+
+
+def select_domains(corpus, domains: list[str] | None):
+    """Keep only the rows of `domains` (every split), with a clear error for a domain the data does not have."""
+    if not domains:
+        return corpus
+    available = sorted(set(corpus["train"]["domain"]))
+    unknown = sorted(set(domains) - set(available))
+    if unknown:
+        raise ValueError(f"--domains {unknown} not in the dataset; available: {available}")
+    return corpus.filter(lambda row: row["domain"] in domains)
+
+
+def load_tokenizer_source(source: str):
+    """`--tokenizer`: a local tokenizer folder (checked) or a Hub name, with a one-line error for either."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return load_tokenizer(path)
+    if not HUB_ID.match(source):
+        raise ValueError(f"--tokenizer {source!r}: no such folder, and not a Hugging Face Hub name")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"--tokenizer {source!r}: not a local folder, and loading it from the Hub failed "
+            f"({str(error).splitlines()[0]})"
+        ) from error
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """What the data stage hands to training: the tokenizer and the packed `train` and `validation` blocks."""
+
+    tokenizer: Any
+    train: Any  # `datasets.Dataset`, or an `IterableDataset` with streaming
+    validation: datasets.Dataset
+
+
+def prepare_data(
+    data: dict[str, Any],
+    *,
+    seed: int,
+    model_name_or_path: str | None = None,
+    streaming: bool = False,
+    num_proc: int | None = None,
+) -> PreparedData:
+    """The data stage of `remoe train` from the run's checked `data` section: the tokenizer (`data.tokenizer`, the
+    continued model's, or one trained on the corpus), the corpus with its selected domains, and the packed splits."""
+    tokenizer = None
+    if data.get("tokenizer"):
+        tokenizer = load_tokenizer_source(data["tokenizer"])
+    elif model_name_or_path:
+        tokenizer = load_tokenizer(model_name_or_path)
+    corpus = load_text_dataset(
+        data["dataset"], text_column=data.get("text_column", "text"), seed=seed, streaming=streaming
+    )
+    corpus = select_domains(corpus, data.get("domains"))
+    if tokenizer is None:
+        tokenizer = load_or_train_tokenizer(corpus, vocab_size=data["vocab_size"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if streaming:
+        packed = streaming_packed_splits(corpus, tokenizer, data["block_size"], data["max_eval_blocks"], seed)
+    else:
+        packed = packed_splits(corpus, tokenizer, data["block_size"], num_proc=num_proc)
+    return PreparedData(tokenizer=tokenizer, train=packed["train"], validation=packed["validation"])

@@ -1,12 +1,13 @@
-"""Distributed training options: DeepSpeed config checks, the expert-parallel layout, streaming data packing.
+"""The parallel layout of a run: the DeepSpeed config (a file, Accelerate's, or the packaged ZeRO-1 for expert
+parallelism), its batch sizes and the expert-parallel size, checked against the model and the launcher's world size.
 
-The Trainer that runs them is `remoe.training.trainer.ReMoETrainer`.
+`remoe.training.run_config` calls these checks while it resolves a run; the Trainer that runs the layout is
+`remoe.training.trainer.ReMoETrainer` and the sharded experts are `remoe.training.expert_parallel`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from importlib import resources
@@ -101,33 +102,35 @@ def _routed_experts(options: dict[str, Any], run: dict[str, dict]) -> int | None
         config = ReMoEConfig.from_pretrained(options["model_name_or_path"])
     else:
         config = ReMoEConfig(**run["model"])
-    return None if config.router_type == "dense" else config.num_routed_experts
+    return config.num_routed_experts if config.has_experts else None
 
 
-def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict]) -> dict[str, Any]:
+def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict], model_config=None) -> dict[str, Any]:
     """`{"deepspeed": config or None, "expert_parallel_size": N}` from the flags (or the run's `training` section),
-    checked against the model and the launcher's world size. Removes both keys from `run["training"]`."""
+    checked against the model (`model_config`, the run's `ReMoEConfig`; read from the run when not given) and the
+    launcher's world size. Changes nothing in `run`."""
     training = run["training"]
-    deepspeed = options.get("deepspeed") or training.pop("deepspeed", None)
+    deepspeed = options.get("deepspeed") or training.get("deepspeed")
     ep_size = options.get("expert_parallel_size")
     if ep_size is None:
-        ep_size = training.pop("expert_parallel_size", None) or 1
+        ep_size = training.get("expert_parallel_size") or 1
     if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"expert_parallel_size must be an integer >= 1, got {ep_size!r}")
-    training.pop("deepspeed", None)
-    training.pop("expert_parallel_size", None)
     accelerate_deepspeed, accelerate_file = accelerate_deepspeed_env()
     if deepspeed is None and accelerate_file:
         deepspeed = accelerate_file  # `accelerate launch` with a DeepSpeed config file: the same file, checked here
     if deepspeed is None and ep_size == 1:
         return {"deepspeed": None, "expert_parallel_size": 1}
+    if model_config is None:
+        num_routed_experts = _routed_experts(options, run)
+    else:
+        num_routed_experts = model_config.num_routed_experts if model_config.has_experts else None
     if deepspeed is None and accelerate_deepspeed:
         # DeepSpeed configured inline in the accelerate config: Accelerate builds it; only its stage is checked.
         stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
-        deepspeed = {"zero_optimization": {"stage": stage}}
-        validate_distributed_options(deepspeed, ep_size, _routed_experts(options, run))
+        validate_distributed_options({"zero_optimization": {"stage": stage}}, ep_size, num_routed_experts)
         return {"deepspeed": None, "expert_parallel_size": ep_size}
-    deepspeed = validate_distributed_options(deepspeed, ep_size, _routed_experts(options, run))
+    deepspeed = validate_distributed_options(deepspeed, ep_size, num_routed_experts)
     deepspeed = resolve_batch_sizes(deepspeed, training, world_size_from_env())
     return {"deepspeed": deepspeed, "expert_parallel_size": ep_size}
 
@@ -167,44 +170,3 @@ def accelerate_deepspeed_env() -> tuple[bool, str | None]:
     """(`accelerate launch` set up DeepSpeed, its DeepSpeed config file or None)."""
     enabled = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
     return enabled, (os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None) if enabled else None
-
-
-def pack_iterable(dataset, tokenizer, block_size: int, *, keep_domain: bool = False, batch_size: int = 1000):
-    """Streaming packing: tokenize `batch_size` documents at a time, append eos, concatenate per domain and cut into
-    blocks of `block_size` ids (each batch's remainder is dropped, as in Transformers' `run_clm.py`)."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos_token; set one to pack documents")
-
-    def pack(batch: dict) -> dict:
-        ids = tokenizer([t or "" for t in batch["text"]], add_special_tokens=False, verbose=False)["input_ids"]
-        streams: dict[str, list[int]] = {}
-        for domain, document in zip(batch["domain"], ids, strict=True):
-            streams.setdefault(domain, []).extend([*document, eos])
-        blocks, domains = [], []
-        for domain, stream in streams.items():
-            count = len(stream) // block_size
-            blocks += [stream[i * block_size : (i + 1) * block_size] for i in range(count)]
-            domains += [domain] * count
-        return {"input_ids": blocks, "domain": domains} if keep_domain else {"input_ids": blocks}
-
-    return dataset.map(pack, batched=True, batch_size=batch_size, remove_columns=["text", "domain"])
-
-
-def streaming_packed_splits(corpus, tokenizer, block_size: int, max_eval_blocks: int, seed: int) -> dict:
-    """`--streaming`: the train split stays an `IterableDataset` (shuffled through a buffer and packed on the fly;
-    the Trainer's data loader reads it on rank 0 and dispatches each rank its own batches, so no sample is seen
-    twice); the first `4 * max_eval_blocks` packed validation blocks are kept in memory for the final evaluation."""
-    import datasets
-
-    train = pack_iterable(corpus["train"].shuffle(seed=seed, buffer_size=10_000), tokenizer, block_size)
-    if next(iter(train), None) is None:
-        raise ValueError(f"the streaming dataset is empty or has fewer than block_size={block_size} tokens")
-    validation_blocks = pack_iterable(corpus["validation"], tokenizer, block_size, keep_domain=True)
-    rows = list(itertools.islice(validation_blocks, 4 * max_eval_blocks))
-    if not rows:
-        raise ValueError(f"the streaming validation split has fewer than block_size={block_size} tokens")
-    features = datasets.Features(
-        {"input_ids": datasets.List(datasets.Value("int32")), "domain": datasets.Value("string")}
-    )
-    return {"train": train, "validation": datasets.Dataset.from_list(rows, features=features)}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import math
 import random
@@ -29,9 +28,10 @@ import torch
 
 from remoe.checkpoints import check_checkpoint, resolve_device
 from remoe.configuration_remoe import ReMoEConfig
+from remoe.modeling_remoe import expert_token_counts, layer_sparsity
+from remoe.records import EvalResults
 
 from .data import DOMAINS, build_embedded_corpus, default_cache_dir
-from .routing import active_experts
 from .run_config import check_writable_folder
 
 LOCAL_TASKS: dict[str, str] = {"remoe_arith": "math", "remoe_ppl_code": "code", "remoe_ppl_docs": "docs"}
@@ -40,7 +40,7 @@ LOCAL_TAGS: dict[str, tuple[str, ...]] = {
     "remoe_ppl": ("remoe_ppl_code", "remoe_ppl_docs"),
 }
 ARITH_NUM_CHOICES = 4
-RESULTS_FILENAME = "eval_results.json"
+RESULTS_FILENAME = EvalResults.FILENAME
 logger = logging.getLogger(__name__)
 _QUESTION = re.compile(r"^Question: (?P<question>.+)$", re.MULTILINE)
 _NUMERIC_ANSWER = re.compile(r"^Answer: (?P<answer>-?\d+)$", re.MULTILINE)
@@ -192,9 +192,7 @@ def text_statistics(
             num_tokens += len(targets)
         if routed:
             valid = attention_mask.reshape(-1).bool().to(device)
-            counts = torch.stack(
-                [active_experts(logits[valid], config).sum().double() for logits in outputs.router_logits]
-            )
+            counts = expert_token_counts(tuple(logits[valid] for logits in outputs.router_logits), config).double()
             active = counts if active is None else active + counts
             positions += int(valid.sum())
 
@@ -206,12 +204,12 @@ def text_statistics(
     if num_bytes:
         stats["bits_per_byte"] = nll_sum / num_bytes / math.log(2)
     if routed and active is not None and positions:
-        per_layer = (1.0 - active / (positions * config.num_experts * config.granularity)).tolist()
+        per_layer, sparsity, experts_per_token = _routing_summary(active, positions, config)
         stats["routed_positions"] = positions
-        stats["routing_sparsity"] = sum(per_layer) / len(per_layer)
-        stats["experts_per_token"] = (1.0 - stats["routing_sparsity"]) * config.num_experts * config.granularity
+        stats["routing_sparsity"] = sparsity
+        stats["experts_per_token"] = experts_per_token
         stats["routing_sparsity_per_layer"] = per_layer
-        stats["_active"] = active  # summed over domains by `evaluate_checkpoint`, then dropped
+        stats["_active"] = active  # (L, E) counts, summed over domains by `evaluate_checkpoint`, then dropped
     return stats
 
 
@@ -383,11 +381,18 @@ def evaluate_checkpoint(
         results.update(_domain_results(lm, evaluated, limit, batch_size))
     results = _finite_or_none(results)
 
-    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    EvalResults.from_dict(results, strict=True).write(results_path)
     if verbose:
         print(format_results(results, raw))
         print(f"results written to {results_path}")
     return results
+
+
+def _routing_summary(tokens_per_expert: torch.Tensor, positions: int, config) -> tuple[list[float], float, float]:
+    """(sparsity per layer, mean sparsity, experts per token) from `(L, E)` counts over `positions` tokens."""
+    per_layer = layer_sparsity(tokens_per_expert, positions).tolist()
+    sparsity = sum(per_layer) / len(per_layer)
+    return per_layer, sparsity, (1.0 - sparsity) * config.num_routed_experts
 
 
 def _domain_results(lm, tasks: list[str], limit: int | None, batch_size: int) -> dict[str, Any]:
@@ -412,14 +417,12 @@ def _domain_results(lm, tasks: list[str], limit: int | None, batch_size: int) ->
     out: dict[str, Any] = {"domains": domains}
     config = model.config
     if total_active is not None and total_positions:
-        num_experts = config.num_experts * config.granularity
-        per_layer = (1.0 - total_active / (total_positions * num_experts)).tolist()
-        sparsity = sum(per_layer) / len(per_layer)
+        per_layer, sparsity, experts_per_token = _routing_summary(total_active, total_positions, config)
         out["routing"] = {
             "router_type": config.router_type,
             "sparsity": sparsity,
-            "experts_per_token": (1.0 - sparsity) * num_experts,
-            "target_sparsity": 1.0 - config.num_experts_per_tok / config.num_experts,
+            "experts_per_token": experts_per_token,
+            "target_sparsity": config.target_sparsity,
             "sparsity_per_layer": per_layer,
             "positions": total_positions,
         }

@@ -4,8 +4,8 @@
 holding the E/N experts of this rank's position in its expert-parallel group (DeepSpeed's `ep_size_N` groups: ranks
 `[0..N-1]`, `[N..2N-1]`, ...). The router stays replicated, so every rank routes its own tokens; the nonzero
 (token, expert) pairs travel to the experts' ranks with a dropless `all_to_all_single` (uneven splits), the experts
-run there through `remoe.kernels.sparse_moe_mlp`, and a second all-to-all brings the outputs back, where they are
-weighted by the gates and summed. Both all-to-alls are differentiable (backward is the reverse all-to-all), and gate
+run there through the model's own `ReMoEExperts` (whichever experts implementation the model is set to), and a second
+all-to-all brings the outputs back, where they are weighted by the gates and summed. Both all-to-alls are differentiable (backward is the reverse all-to-all), and gate
 gradients never leave the rank that owns the token. The result is the same function as one process holding all E
 experts.
 
@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from remoe.kernels import IMPLEMENTATIONS, default_implementation, sparse_moe_mlp
 from remoe.modeling_remoe import ReMoEExperts, ReMoEForCausalLM
 
 try:  # DeepSpeed recognises expert-parallel layers (and their checkpoint layout) by this base class.
@@ -119,6 +118,13 @@ class ExpertParallelExperts(_DeepSpeedMoE):
         self.deepspeed_moe = _Container()
         self.deepspeed_moe.experts = _Container()
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(local)
+        # The local experts run through the model's own experts module (its registry of implementations, chosen by
+        # `config._experts_implementation`), called with this rank's weights. Built on the meta device and kept in a
+        # tuple: it owns no parameters and is no submodule.
+        with torch.device("meta"):
+            runner = ReMoEExperts(self.config)
+        runner.num_experts = self.num_local_experts
+        self._experts_runner = (runner,)
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Called by the DeepSpeed engine; the groups already exist (created by `enable_expert_parallel`)."""
@@ -161,9 +167,12 @@ class ExpertParallelExperts(_DeepSpeedMoE):
             recv_counts.flatten(),
             output_size=received.shape[0],
         )
-        unit_gates = received.new_zeros(received.shape[0], num_local).scatter_(1, local_expert[:, None], 1.0)
         gate_up_proj, down_proj = self.local_weights()
-        expert_out = sparse_moe_mlp(received, unit_gates, gate_up_proj, down_proj, implementation=self.implementation)
+        expert_out = torch.func.functional_call(
+            self._experts_runner[0],
+            {"gate_up_proj": gate_up_proj, "down_proj": down_proj},
+            (received, local_expert[:, None], received.new_ones(received.shape[0], 1)),
+        )
         if expert_out.grad_fn is None and torch.is_grad_enabled():
             # No row reached this rank's experts and the path returned a constant: keep the graph connected so that
             # this rank joins the backward all-to-all like the others, and its experts get zero gradients, not None.
@@ -172,17 +181,6 @@ class ExpertParallelExperts(_DeepSpeedMoE):
 
         weighted = returned * weights.to(returned.dtype)[:, None]
         return torch.zeros_like(hidden_states).index_add_(0, row_idx, weighted.to(hidden_states.dtype))
-
-    @property
-    def implementation(self) -> str:
-        """The model's experts implementation, run by `remoe.kernels.sparse_moe_mlp` on the local experts."""
-        name = self.config._experts_implementation or default_implementation(self.local_experts[0].down_proj.device)
-        if name not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"expert parallelism runs the experts with remoe.kernels: experts_implementation must be one of "
-                f"{IMPLEMENTATIONS}, got {name!r}"
-            )
-        return name
 
     @torch.no_grad()
     def gather(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,7 @@ import torch
 from transformers import set_seed
 
 from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, resolve_device
-
-from .routing import active_experts
+from remoe.modeling_remoe import active_experts
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -57,7 +56,7 @@ def generate(
     _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype)
     device = resolve_device(device)
     config = check_checkpoint(model_dir)
-    if show_routing and config.router_type == "dense":
+    if show_routing and not config.has_experts:
         raise ValueError(f"--show_routing needs a ReMoE model with router_type relu or topk; {model_dir} is dense")
     tokenizer = load_tokenizer(model_dir)
     load_options = {"dtype": dtype}

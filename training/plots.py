@@ -34,7 +34,7 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
     rows = [entry for entry in log_history if "loss" in entry]
     steps = [entry["step"] for entry in rows]
     routed = [entry for entry in rows if "remoe/sparsity" in entry]
-    panels = 3 if config.router_type == "relu" else (2 if routed else 1)
+    panels = 3 if config.uses_l1_controller else (2 if routed else 1)
     fig, axes = plt.subplots(panels, 1, figsize=(8, 2.6 * panels), sharex=True, squeeze=False)
     axes = axes[:, 0]
 
@@ -51,7 +51,7 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
         axes[1].axhline(config.target_sparsity, color="black", linestyle="--", linewidth=1, label="target 1 - k/E")
         axes[1].set_ylabel("sparsity")
         axes[1].legend(loc="lower right")
-    if config.router_type == "relu" and routed:
+    if config.uses_l1_controller and routed:
         axes[2].semilogy(route_steps, [entry["remoe/l1_coef"] for entry in routed], color="#d62728")
         axes[2].set_ylabel("L1 coefficient λ")
         edges = [route_steps[0], *training_stages(route_steps, sparsity, config.target_sparsity), route_steps[-1]]

@@ -326,7 +326,7 @@ def add_upcycle_parser(subparsers) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     _add_writer_flags(parser)
     _add_controller_flags(parser)
-    parser.set_defaults(handler="remoe.training.btx:run_upcycle")
+    parser.set_defaults(handler="remoe.training.convert:run_upcycle")
 
 
 def add_convert_parser(subparsers) -> None:
@@ -344,7 +344,7 @@ def add_convert_parser(subparsers) -> None:
     parser.add_argument("--num_experts_per_tok", type=positive_int, help="k (default: the source's)")
     _add_writer_flags(parser)
     _add_controller_flags(parser)
-    parser.set_defaults(handler="remoe.training.btx:run_convert")
+    parser.set_defaults(handler="remoe.training.convert:run_convert")
 
 
 SUBCOMMANDS = (

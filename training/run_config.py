@@ -6,8 +6,9 @@ A run has three sections, each with a closed set of keys:
 - `data`: `DATA_FIELDS`;
 - `training`: `TrainingArguments` fields, plus `deepspeed` and `expert_parallel_size`.
 
-`resolve_run` merges the file and the flags and checks every key ("did you mean ..." for unknown ones), every type and
-range (naming the field), the combinations, the machine (memory for the model, bf16) and the output folder. A
+`plan_run` turns the options of `remoe train` into a `RunConfig`: it merges the file and the flags (`resolve_run`) and
+checks every key ("did you mean ..." for unknown ones), every type and range (naming the field), the combinations, the
+parallel layout (`remoe.training.distributed`), the machine (memory for the model, bf16) and the output folder. A
 non-empty output folder is never reused silently: it is refused unless the run resumes it (same model and data as its
 `run_config.yaml`) or `--overwrite` asks to replace it.
 """
@@ -38,6 +39,7 @@ from remoe import ReMoEConfig
 from remoe.checkpoints import check_checkpoint
 from remoe.configuration import load_preset
 
+from .distributed import resolve_parallel_options, world_size_from_env
 from .trainer import check_complete_checkpoint, is_complete_checkpoint, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -206,8 +208,91 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One checked `remoe train` run: what `plan_run` resolved from the preset or file and the flags.
+
+    `sections` is the run's identity (`model`, `data`, `training`, written to `run_config.yaml`); `model_config` is
+    the model it trains (the vocabulary is completed by the tokenizer of the data stage); the rest is how to run it.
+    """
+
+    sections: dict[str, dict]
+    model_config: ReMoEConfig
+    output_dir: Path
+    seed: int
+    deepspeed: str | dict | None = None
+    expert_parallel_size: int = 1
+    resume_from_checkpoint: str | None = None
+    overwrite: bool = False
+    model_name_or_path: str | None = None
+    streaming: bool = False
+    freeze_experts: bool = False
+    num_proc: int | None = None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.sections["data"]
+
+    def training_arguments(self) -> TrainingArguments:
+        """The run's `TrainingArguments`: the `training` section plus what `remoe train` always sets."""
+        training = {name: value for name, value in self.sections["training"].items() if name != "seed"}
+        # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
+        training.setdefault("use_cpu", not has_accelerator())
+        training.setdefault("dataloader_pin_memory", has_accelerator())
+        return TrainingArguments(
+            output_dir=str(self.output_dir),
+            seed=self.seed,
+            data_seed=self.seed,
+            report_to=["tensorboard"],
+            save_strategy="steps",
+            eval_strategy="no",
+            dataloader_drop_last=True,
+            deepspeed=self.deepspeed,
+            **training,
+        )
+
+
+def plan_run(options: dict[str, Any]) -> RunConfig:
+    """Every check of `remoe train` before any work: the sections (`resolve_run`), the parallel layout, the memory
+    the model needs, the streaming options and the output folder (changing nothing on disk)."""
+    run, config = _resolve(options)
+    parallel = resolve_parallel_options(options, run, config)
+    run["training"] = {name: value for name, value in run["training"].items() if name not in PARALLEL_FIELDS}
+    run["training"].setdefault("seed", 42)
+    model_name_or_path = options.get("model_name_or_path")
+    if not model_name_or_path:
+        sharded = parallel["deepspeed"] is not None or parallel["expert_parallel_size"] > 1
+        check_memory(config, world_size_from_env(), sharded)
+    streaming = bool(options.get("streaming"))
+    if streaming and (not (run["data"].get("tokenizer") or model_name_or_path) or run["data"].get("domains")):
+        raise ValueError("--streaming needs --tokenizer (or --model_name_or_path) and does not take --domains")
+    run_name = Path(options["config"]).stem if options.get("config") else options.get("preset") or "tiny"
+    output_dir = Path(options.get("output_dir") or f"outputs/{run_name}-{run['model']['router_type']}")
+    overwrite = bool(options.get("overwrite"))
+    resume = check_output_dir(output_dir, run, resume=options.get("resume_from_checkpoint"), overwrite=overwrite)
+    return RunConfig(
+        sections=run,
+        model_config=config,
+        output_dir=output_dir,
+        seed=run["training"]["seed"],
+        deepspeed=parallel["deepspeed"],
+        expert_parallel_size=parallel["expert_parallel_size"],
+        resume_from_checkpoint=resume,
+        overwrite=overwrite,
+        model_name_or_path=model_name_or_path,
+        streaming=streaming,
+        freeze_experts=bool(options.get("freeze_experts")),
+        num_proc=options.get("num_proc"),
+    )
+
+
 def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
     """Merge the preset (or `--config` file) with the command-line overrides and check the result before any work."""
+    return _resolve(options)[0]
+
+
+def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
+    """The run's sections and the model config they describe (the checkpoint's with `--model_name_or_path`)."""
     if options.get("config") and options.get("preset"):
         raise ValueError("--config and --preset both choose the run's sections: pass one of them")
     source = options.get("config") or options.get("preset") or "tiny"
@@ -229,14 +314,14 @@ def resolve_run(options: dict[str, Any]) -> dict[str, dict]:
         config = _continued_model(options, run, where)
     else:
         config = ReMoEConfig(**run["model"], vocab_size=run["data"]["vocab_size"])
-    if options.get("freeze_experts") and config.router_type == "dense":
+    if options.get("freeze_experts") and not config.has_experts:
         raise ValueError("--freeze_experts: the model is dense (router_type='dense'), it has no experts to freeze")
     if run["data"]["block_size"] > config.max_position_embeddings:
         raise ValueError(
             f"data.block_size ({run['data']['block_size']}) exceeds the model's max_position_embeddings "
             f"({config.max_position_embeddings}); use a block size of at most {config.max_position_embeddings}"
         )
-    return run
+    return run, config
 
 
 def _continued_model(options: dict[str, Any], run: dict[str, dict], where: str) -> ReMoEConfig:
@@ -359,15 +444,15 @@ def check_output_dir(
     return checkpoint
 
 
-def claim_output_dir(output_dir: Path, run: dict[str, dict], *, overwrite: bool) -> None:
-    """Make `output_dir` this run's (once every input has been read): with `overwrite` empty it first, then write the
-    run's identity `run_config.yaml`. Rank 0 only."""
+def claim_output_dir(run: RunConfig) -> None:
+    """Make the output folder this run's (once every input has been read): with `overwrite` empty it first, then
+    write the run's identity `run_config.yaml`. Rank 0 only."""
     if not _is_main_process():
         return
-    if overwrite and output_dir.is_dir():
-        for path in output_dir.iterdir():
+    if run.overwrite and run.output_dir.is_dir():
+        for path in run.output_dir.iterdir():
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    write_run_config(output_dir, run)
+    write_run_config(run.output_dir, run.sections)
 
 
 def _resume_checkpoint(output_dir: Path, resume: str | bool) -> str:

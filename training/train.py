@@ -12,66 +12,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
-from remoe import ReMoEConfig, ReMoEForCausalLM
-from remoe.checkpoints import load_model, load_tokenizer
+from remoe import ReMoEForCausalLM
+from remoe.checkpoints import load_model
+from remoe.records import TrainingMetrics, parameter_counts
 
 from .controller import add_controller_callback
-from .data import HUB_ID, collate_blocks, load_or_train_tokenizer, load_text_dataset, packed_splits
-from .distributed import resolve_parallel_options, streaming_packed_splits, world_size_from_env
+from .data import collate_blocks, prepare_data
 from .plots import plot_training_curves
-from .routing import parameter_counts, routing_sparsity
-from .run_config import check_memory, check_output_dir, claim_output_dir, has_accelerator, resolve_run
+from .routing import routing_sparsity
+from .run_config import RunConfig, claim_output_dir, has_accelerator, plan_run
 from .trainer import build_trainer, last_complete_checkpoint, remove_incomplete_checkpoints
 
 _DISK_NEARLY_FULL_BYTES = 1 << 20
 
 
-def _select_domains(corpus, domains: list[str] | None):
-    """Keep only the rows of `domains` (every split), with a clear error for a domain the data does not have."""
-    if not domains:
-        return corpus
-    available = sorted(set(corpus["train"]["domain"]))
-    unknown = sorted(set(domains) - set(available))
-    if unknown:
-        raise ValueError(f"--domains {unknown} not in the dataset; available: {available}")
-    return corpus.filter(lambda row: row["domain"] in domains)
-
-
-def load_tokenizer_source(source: str):
-    """`--tokenizer`: a local tokenizer folder (checked) or a Hub name, with a one-line error for either."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return load_tokenizer(path)
-    if not HUB_ID.match(source):
-        raise ValueError(f"--tokenizer {source!r}: no such folder, and not a Hugging Face Hub name")
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"--tokenizer {source!r}: not a local folder, and loading it from the Hub failed "
-            f"({str(error).splitlines()[0]})"
-        ) from error
-
-
-def build_model(options: dict[str, Any], model_cfg: dict, tokenizer) -> ReMoEForCausalLM:
-    """A fresh model from the preset, or the checkpoint of `--model_name_or_path` with controller overrides."""
-    if options.get("model_name_or_path"):
-        overrides = {key: value for key, value in model_cfg.items() if key != "router_type"}
-        model = load_model(options["model_name_or_path"], **overrides)
+def build_model(run: RunConfig, tokenizer) -> ReMoEForCausalLM:
+    """A fresh model of the run's config (its vocabulary and special tokens completed from the tokenizer), or the
+    checkpoint of `--model_name_or_path` with the controller overrides."""
+    if run.model_name_or_path:
+        overrides = {key: value for key, value in run.sections["model"].items() if key != "router_type"}
+        model = load_model(run.model_name_or_path, **overrides)
         if "l1_coef_init" in overrides and model.controller is not None:
             model.controller.l1_coef.fill_(overrides["l1_coef_init"])  # the checkpoint's lambda would win otherwise
     else:
-        config = ReMoEConfig(
-            **model_cfg,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        config = run.model_config
+        config.vocab_size = len(tokenizer)
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
         model = ReMoEForCausalLM(config)
-    if options.get("freeze_experts"):
+    if run.freeze_experts:
         for name, parameter in model.named_parameters():
             if ".mlp.experts." in name:
                 parameter.requires_grad_(False)
@@ -88,81 +59,45 @@ def _eval_sets(validation, max_blocks: int) -> dict:
 
 
 def train(options: dict[str, Any]) -> dict[str, Any]:
-    """Run one training job and return the metrics written to `metrics.json`."""
-    run = resolve_run(options)
-    parallel = resolve_parallel_options(options, run)  # DeepSpeed config and expert-parallel layout, checked here
-    model_cfg, data_cfg = run["model"], run["data"]
-    run["training"].setdefault("seed", 42)
-    training_cfg = dict(run["training"])
-    seed = training_cfg.pop("seed")
-    if not options.get("model_name_or_path"):
-        sharded = parallel["deepspeed"] is not None or parallel["expert_parallel_size"] > 1
-        check_memory(ReMoEConfig(**model_cfg, vocab_size=data_cfg["vocab_size"]), world_size_from_env(), sharded)
-    streaming = bool(options.get("streaming"))
-    if streaming and (not (data_cfg.get("tokenizer") or options.get("model_name_or_path")) or data_cfg.get("domains")):
-        raise ValueError("--streaming needs --tokenizer (or --model_name_or_path) and does not take --domains")
-    run_name = Path(options["config"]).stem if options.get("config") else options.get("preset") or "tiny"
-    output_dir = Path(options.get("output_dir") or f"outputs/{run_name}-{model_cfg['router_type']}")
-    overwrite = bool(options.get("overwrite"))
-    resume = check_output_dir(output_dir, run, resume=options.get("resume_from_checkpoint"), overwrite=overwrite)
-    set_seed(seed)
+    """Run one training job and return the metrics written to `metrics.json`.
 
-    tokenizer = None
-    if data_cfg.get("tokenizer"):
-        tokenizer = load_tokenizer_source(data_cfg["tokenizer"])
-    elif options.get("model_name_or_path"):
-        tokenizer = load_tokenizer(options["model_name_or_path"])
-    corpus = load_text_dataset(
-        data_cfg["dataset"], text_column=data_cfg.get("text_column", "text"), seed=seed, streaming=streaming
+    The stages, in order: the run configuration (every check, `run_config`), the data (`data`), the model, the
+    Trainer with the controller and its checkpoints (`trainer`, `controller`), then the final metrics and plots."""
+    run = plan_run(options)
+    set_seed(run.seed)
+    data = prepare_data(
+        run.data,
+        seed=run.seed,
+        model_name_or_path=run.model_name_or_path,
+        streaming=run.streaming,
+        num_proc=run.num_proc,
     )
-    corpus = _select_domains(corpus, data_cfg.get("domains"))
-    if tokenizer is None:
-        tokenizer = load_or_train_tokenizer(corpus, vocab_size=data_cfg["vocab_size"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if streaming:
-        packed = streaming_packed_splits(corpus, tokenizer, data_cfg["block_size"], data_cfg["max_eval_blocks"], seed)
-    else:
-        packed = packed_splits(corpus, tokenizer, data_cfg["block_size"], num_proc=options.get("num_proc"))
-
-    model = build_model(options, model_cfg, tokenizer)
+    model = build_model(run, data.tokenizer)
     config = model.config
-    claim_output_dir(output_dir, run, overwrite=overwrite)
+    claim_output_dir(run)
     counts = parameter_counts(model)  # before expert parallelism leaves each rank a share of the experts
-    # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
-    training_cfg.setdefault("use_cpu", not has_accelerator())
-    training_cfg.setdefault("dataloader_pin_memory", has_accelerator())
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        seed=seed,
-        data_seed=seed,
-        report_to=["tensorboard"],
-        save_strategy="steps",
-        eval_strategy="no",
-        dataloader_drop_last=True,
-        deepspeed=parallel["deepspeed"],
-        **training_cfg,
-    )
+    args = run.training_arguments()
     trainer = build_trainer(
         model,
         args,
-        expert_parallel_size=parallel["expert_parallel_size"],
-        train_dataset=packed["train"],
+        expert_parallel_size=run.expert_parallel_size,
+        train_dataset=data.train,
         data_collator=collate_blocks,
-        processing_class=tokenizer,
+        processing_class=data.tokenizer,
     )
     controller = add_controller_callback(trainer)
 
+    output_dir = run.output_dir
     start = time.perf_counter()
     with _explained_disk_full(output_dir):
-        train_output = trainer.train(resume_from_checkpoint=resume)
+        train_output = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
         train_seconds = time.perf_counter() - start
         trainer.save_model(str(output_dir))
 
-    metrics = _final_metrics(trainer, model, packed["validation"], data_cfg)
-    tokens = (train_output.global_step - controller.start_step) * _tokens_per_step(args, data_cfg)
+    metrics = _final_metrics(trainer, model, data.validation, run.data)
+    tokens = (train_output.global_step - controller.start_step) * _tokens_per_step(args, run.data)
     metrics.update(
-        seed=seed,
+        seed=run.seed,
         train_steps=train_output.global_step,
         train_loss=whole_run_train_loss(
             train_output.training_loss, train_output.global_step, controller.start_step, trainer.state.log_history
@@ -172,7 +107,7 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         **counts,
     )
     if trainer.is_world_process_zero():
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        TrainingMetrics.from_dict(metrics, strict=True).write(output_dir)
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history) + "\n")
         plot_training_curves(trainer.state.log_history, config, output_dir / "training_curves.png")
         _print_summary(metrics, output_dir)
@@ -232,7 +167,7 @@ def _final_metrics(trainer, model, validation, data_cfg: dict) -> dict[str, Any]
         key = "validation" if name == "all" else f"validation_{name}"
         metrics[f"{key}_loss"] = loss
         metrics[f"{key}_perplexity"] = math.exp(loss)
-    if config.router_type != "dense":
+    if config.has_experts:
         batch_size = trainer.args.per_device_eval_batch_size
         metrics.update(routing_sparsity(model, eval_sets["all"]["input_ids"], batch_size=batch_size))
         # The Trainer's log history (restored on resume) holds the controller's interval averages.
@@ -240,8 +175,8 @@ def _final_metrics(trainer, model, validation, data_cfg: dict) -> dict[str, Any]
         tail = history[-max(1, len(history) // 10) :]
         if tail:
             metrics["train_sparsity_final"] = sum(h["remoe/sparsity"] for h in tail) / len(tail)
-        metrics["target_sparsity"] = config.target_sparsity if config.router_type == "relu" else None
-    if config.router_type == "relu":
+        metrics["target_sparsity"] = config.target_sparsity if config.uses_l1_controller else None
+    if config.uses_l1_controller:
         metrics["l1_coef"] = model.l1_coef
     return metrics
 

@@ -29,6 +29,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from remoe.checkpoints import replace_folder
+
 STAGING_DIR = ".staging"
 CHECKPOINT_COMPLETE = "remoe_checkpoint_complete.json"
 _CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -143,17 +145,6 @@ class CheckpointCompletionCallback(TrainerCallback):
         _barrier()
 
 
-def _replace_dir(source: str, target: str) -> None:
-    """Rename `source` to `target`; an existing `target` is moved aside first and deleted after."""
-    trash = None
-    if os.path.lexists(target):
-        trash = os.path.join(os.path.dirname(target), f".trash-{os.path.basename(target)}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, trash)
-    os.replace(source, target)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 
 
@@ -171,7 +162,7 @@ def _publish_files(staged: str, target: str) -> None:
     for name in entries:
         source, destination = os.path.join(staged, name), os.path.join(target, name)
         if os.path.isdir(source):
-            _replace_dir(source, destination)
+            replace_folder(source, destination)
         else:
             os.replace(source, destination)
     shutil.rmtree(staged, ignore_errors=True)
