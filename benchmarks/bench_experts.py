@@ -8,15 +8,22 @@ offsets, some tokens with no expert), plus a TopK k=2 case (softmax, top-2, no r
 
     python benchmarks/bench_experts.py                      # CUDA when available: all implementations, all shapes
     python benchmarks/bench_experts.py --device cpu         # torch paths, reduced shape set (implies --quick)
+    python benchmarks/bench_experts.py --shapes goal --autocast bf16   # fp32 leaves under bf16 autocast (Trainer bf16)
     python benchmarks/bench_experts.py --output results.json
+    TRITON_INTERPRET=1 python benchmarks/bench_experts.py --device cpu --shapes dry_run --implementations triton dense
 
+`--shapes goal` is the issue's goal shape (T=16k, E=8, mean k=1, H=768, I=3072) and a large one (H=4096, I=16384);
+`dry_run` one toy shape for CPU (the Triton interpreter is slow). An implementation that fails is reported with its
+error, not fatal.
 Prints a table and writes JSON (default `benchmarks/results/bench_experts_<device>.json`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -56,6 +63,10 @@ class Shape:
 
 GOAL_SHAPE = Shape(16384, 8, 1, "relu")
 TINY_PRESET_SHAPE = Shape(2048, 8, 1, "relu", hidden=128, ffn=256)  # the `tiny` preset's MoE layer, batch 16 x 128
+SHAPE_SETS = {
+    "goal": [GOAL_SHAPE, Shape(16384, 8, 1, "relu", hidden=4096, ffn=16384)],
+    "dry_run": [Shape(32, 4, 1, "relu", hidden=16, ffn=32)],
+}
 
 
 def paper_shapes(quick: bool) -> list[Shape]:
@@ -85,11 +96,17 @@ def make_gates(shape: Shape, generator: torch.Generator) -> torch.Tensor:
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    experts, hidden, intermediate = shape.num_experts, shape.hidden, shape.intermediate
-    hidden_states = torch.randn(shape.tokens, hidden, generator=generator)
-    gate_up_proj = torch.randn(experts, 2 * intermediate, hidden, generator=generator) / hidden**0.5
-    down_proj = torch.randn(experts, hidden, intermediate, generator=generator) / intermediate**0.5
     gates = make_gates(shape, generator)
+    # weights drawn on the device: the H=4096 shape has 1.6 G weights, slow to draw on the host
+    device_generator = torch.Generator(device).manual_seed(seed)
+    experts, hidden, intermediate = shape.num_experts, shape.hidden, shape.intermediate
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=device_generator, device=device)
+
+    hidden_states = randn(shape.tokens, hidden)
+    gate_up_proj = randn(experts, 2 * intermediate, hidden) / hidden**0.5
+    down_proj = randn(experts, hidden, intermediate) / intermediate**0.5
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (hidden_states, gates, gate_up_proj, down_proj)]
 
 
@@ -140,11 +157,15 @@ class Result:
     routing: str
     pairs: int
     implementation: str
-    forward_ms: float
-    forward_backward_ms: float
-    forward_tflops: float
-    forward_backward_tflops: float
+    forward_ms: float | None
+    forward_backward_ms: float | None
+    forward_tflops: float | None
+    forward_backward_tflops: float | None
     peak_memory_mib: float | None
+    error: str | None = None
+
+
+_MEASUREMENTS = ("forward_ms", "forward_backward_ms", "forward_tflops", "forward_backward_tflops", "peak_memory_mib")
 
 
 @dataclass
@@ -154,6 +175,12 @@ class Settings:
     warmup: int
     repeats: int
     statistic: str
+    autocast: torch.dtype | None = None  # forward under torch.autocast with this dtype (leaves stay in `dtype`)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
 
 def benchmark_shape(shape: Shape, implementations: list[str], settings: Settings) -> list[Result]:
@@ -172,18 +199,20 @@ def benchmark_shape(shape: Shape, implementations: list[str], settings: Settings
             leaves = [dense_x, dense_w]
 
             def forward():
-                return dense_x @ dense_w
+                with settings.forward_context():
+                    return dense_x @ dense_w
 
             def forward_backward():
-                (dense_x @ dense_w).backward(dense_grad)
+                forward().backward(dense_grad)
         else:
             leaves = inputs
 
             def forward(name=name):
-                return sparse_moe_mlp(*inputs, implementation=name)
+                with settings.forward_context():
+                    return sparse_moe_mlp(*inputs, implementation=name)
 
-            def forward_backward(name=name):
-                sparse_moe_mlp(*inputs, implementation=name).backward(grad_output)
+            def forward_backward(forward=forward):
+                forward().backward(grad_output)
 
         def training_step(leaves=leaves, forward_backward=forward_backward):
             for leaf in leaves:
@@ -191,9 +220,7 @@ def benchmark_shape(shape: Shape, implementations: list[str], settings: Settings
             forward_backward()
 
         timing = (device, settings.warmup, settings.repeats, settings.statistic)
-        forward_ms = time_ms(forward, *timing)
-        forward_backward_ms = time_ms(training_step, *timing)
-        result = Result(
+        identity = dict(
             shape=shape.label(),
             tokens=shape.tokens,
             num_experts=shape.num_experts,
@@ -201,12 +228,23 @@ def benchmark_shape(shape: Shape, implementations: list[str], settings: Settings
             routing=shape.routing,
             pairs=pairs,
             implementation=name,
-            forward_ms=forward_ms,
-            forward_backward_ms=forward_backward_ms,
-            forward_tflops=flops / forward_ms / 1e9,
-            forward_backward_tflops=3 * flops / forward_backward_ms / 1e9,
-            peak_memory_mib=peak_memory_mib(training_step, device),
         )
+        try:
+            forward_ms = time_ms(forward, *timing)
+            forward_backward_ms = time_ms(training_step, *timing)
+            result = Result(
+                **identity,
+                forward_ms=forward_ms,
+                forward_backward_ms=forward_backward_ms,
+                forward_tflops=flops / forward_ms / 1e9,
+                forward_backward_tflops=3 * flops / forward_backward_ms / 1e9,
+                peak_memory_mib=peak_memory_mib(training_step, device),
+            )
+        except Exception as error:  # reported, not fatal: the other implementations still run
+            message = f"{type(error).__name__}: {error}"[:500]
+            result = Result(**identity, **dict.fromkeys(_MEASUREMENTS), error=message)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         results.append(result)
         print(_format_row(result), flush=True)
     return results
@@ -216,6 +254,8 @@ _HEADER = f"{'shape':<36} {'pairs':>7} {'impl':<11} {'fwd ms':>9} {'f+b ms':>9} 
 
 
 def _format_row(result: Result) -> str:
+    if result.error is not None:
+        return f"{result.shape:<36} {result.pairs:>7} {result.implementation:<11} {result.error}"
     memory = f"{result.peak_memory_mib:9.0f}" if result.peak_memory_mib is not None else f"{'n/a':>9}"
     return (
         f"{result.shape:<36} {result.pairs:>7} {result.implementation:<11} {result.forward_ms:>9.2f} "
@@ -223,9 +263,9 @@ def _format_row(result: Result) -> str:
     )
 
 
-def goal_summary(results: list[Result]) -> dict[str, float] | None:
+def goal_summary(results: list[Result], shape: Shape = GOAL_SHAPE) -> dict[str, float] | None:
     """The issue's goals on E=8, G=1, 16k tokens, mean k=1: triton against grouped_mm, eager and the dense GEMM."""
-    by_name = {r.implementation: r for r in results if r.shape == GOAL_SHAPE.label()}
+    by_name = {r.implementation: r for r in results if r.shape == shape.label() and r.error is None}
     if not {"triton", "grouped_mm", "eager", "dense"} <= by_name.keys():
         return None
     triton, grouped, eager, dense = (by_name[name] for name in ("triton", "grouped_mm", "eager", "dense"))
@@ -265,7 +305,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--quick", action="store_true", help="reduced shape set (512 tokens, E*G <= 64); implied on CPU"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--shapes", choices=["paper", "quick", *SHAPE_SETS], help="shape set (default: paper on CUDA, quick on CPU)"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU or with --autocast")
+    parser.add_argument(
+        "--autocast",
+        choices=["bf16", "fp16"],
+        help="run the forward under torch.autocast with this dtype, the leaves staying in --dtype (as the Trainer does)",
+    )
     parser.add_argument(
         "--implementations", nargs="+", help="subset of triton, grouped_mm, eager, dense (default: all available)"
     )
@@ -287,44 +335,57 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"--implementations: unknown {sorted(unknown)}; choose from {[*IMPLEMENTATIONS, 'dense']}")
     settings = Settings(
-        dtype=DTYPES[args.dtype or ("bf16" if on_cuda else "fp32")],
+        dtype=DTYPES[args.dtype or ("bf16" if on_cuda and not args.autocast else "fp32")],
+        autocast=DTYPES[args.autocast] if args.autocast else None,
         device=device,
         warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
         repeats=args.repeats if args.repeats is not None else (10 if on_cuda else 5),
         statistic=args.statistic or ("median" if on_cuda else "min"),
     )
     quick = args.quick or not on_cuda
+    if args.shapes in SHAPE_SETS:
+        shapes = SHAPE_SETS[args.shapes]
+    else:
+        shapes = paper_shapes(quick if args.shapes is None else args.shapes == "quick")
     output = args.output or Path(__file__).parent / "results" / f"bench_experts_{device.type}.json"
 
     name = device_name(device)
-    print(f"# {name}, torch {torch.__version__}, {settings.dtype}; H={HIDDEN}, I={FFN}/G unless given")
+    autocast = f" under {settings.autocast} autocast" if settings.autocast else ""
+    print(f"# {name}, torch {torch.__version__}, {settings.dtype}{autocast}; H={HIDDEN}, I={FFN}/G unless given")
     print(
         f"# {settings.statistic} of {settings.repeats} runs; forward with gradients enabled; "
         "useful TFLOP/s (6*P*H*I forward, x3 with backward)"
     )
     print(_HEADER)
     print("-" * len(_HEADER))
+    output.parent.mkdir(parents=True, exist_ok=True)
     results = []
-    for shape in paper_shapes(quick):
-        results += benchmark_shape(shape, implementations, settings)
-
     report = {
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
         "triton": _triton_version(),
         "dtype": str(settings.dtype).removeprefix("torch."),
+        "autocast": str(settings.autocast).removeprefix("torch.") if settings.autocast else None,
+        "deterministic_triton": os.environ.get("REMOE_TRITON_DETERMINISTIC") == "1",
+        "shapes": args.shapes or ("quick" if quick else "paper"),
         "quick": quick,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "statistic": settings.statistic,
-        "results": [asdict(result) for result in results],
-        "goals": goal_summary(results),
     }
+    for done, shape in enumerate(shapes, 1):
+        results += benchmark_shape(shape, implementations, settings)
+        # written after every shape: a run stopped by a time limit keeps the shapes it finished
+        report.update(
+            complete=done == len(shapes),
+            results=[asdict(result) for result in results],
+            goals=goal_summary(results),
+            summaries={shape.label(): goal_summary(results, shape) for shape in shapes[:done]},
+        )
+        output.write_text(json.dumps(report, indent=2) + "\n")
     if report["goals"]:
         print(f"# goals ({GOAL_SHAPE.label()}):", json.dumps({k: round(v, 3) for k, v in report["goals"].items()}))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"# wrote {output}")
     return report
 

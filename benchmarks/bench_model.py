@@ -11,11 +11,13 @@ on a small machine), each is saved once and loaded back for its turns (`--swap_m
 
     python benchmarks/bench_model.py --presets tiny --output benchmarks/results/bench_model_cpu_tiny.json
     python benchmarks/bench_model.py --presets 182m --batch_size 2 --transformers_implementations eager grouped_mm
+    python benchmarks/bench_model.py --presets 182m --autocast bf16   # fp32 weights, bf16 autocast (Trainer bf16: true)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import platform
@@ -37,6 +39,7 @@ from remoe.configuration import load_preset
 from remoe.kernels import IMPLEMENTATIONS as REMOE_IMPLEMENTATIONS
 
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_NAMES = ("remoe-relu", "remoe-topk", "mixtral", "qwen3-moe")
 
 
@@ -160,8 +163,16 @@ class ModelUnderTest:
     by an untimed step at the start of every turn.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, implementations: list[str], swap_dir: Path | None):
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        implementations: list[str],
+        swap_dir: Path | None,
+        autocast: torch.dtype | None = None,
+    ):
         self.name, self.implementations, self.model_class = name, list(implementations), type(model)
+        self.autocast = autocast  # forwards under torch.autocast with this dtype (the Trainer's bf16/fp16)
         self.model: torch.nn.Module | None = model
         self.optimizer: torch.optim.Optimizer | None = None
         self.swap_path = None if swap_dir is None else swap_dir / name
@@ -198,10 +209,15 @@ class ModelUnderTest:
             self.model = self.optimizer = None
             gc.collect()
 
+    def _forward_context(self, device: torch.device) -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+
     def train_step(self, implementation: str, tokens: torch.Tensor) -> None:
         self.model.set_experts_implementation(implementation)
         self.model.train()
-        self.model(tokens, labels=tokens).loss.backward()
+        with self._forward_context(tokens.device):
+            loss = self.model(tokens, labels=tokens).loss
+        loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.model, ReMoEForCausalLM):
@@ -211,12 +227,13 @@ class ModelUnderTest:
     def inference(self, implementation: str, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
         self.model.set_experts_implementation(implementation)
         self.model.eval()
-        _sync(tokens.device)
-        start = time.perf_counter()
-        self.model(tokens, use_cache=True)
-        _sync(tokens.device)
-        prefill = time.perf_counter() - start
-        return prefill, _greedy_decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
+        with self._forward_context(tokens.device):
+            _sync(tokens.device)
+            start = time.perf_counter()
+            self.model(tokens, use_cache=True)
+            _sync(tokens.device)
+            prefill = time.perf_counter() - start
+            return prefill, _greedy_decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
 
     def results(self, tokens: torch.Tensor, decode_tokens: int) -> dict[str, dict[str, float | str]]:
         batch, length = tokens.shape
@@ -311,7 +328,10 @@ def run(args) -> list[dict]:
                 implementations = list(args.transformers_implementations)
                 if name.startswith("remoe") and device.type == "cuda" and "triton" in REMOE_IMPLEMENTATIONS:
                     implementations.append("triton")
-                models.append(ModelUnderTest(name, model, implementations, Path(swap_root) if swap else None))
+                swap_dir = Path(swap_root) if swap else None
+                models.append(
+                    ModelUnderTest(name, model, implementations, swap_dir, AUTOCAST_DTYPES.get(args.autocast))
+                )
                 del model
             measure_round_robin(models, tokens, args.decode_tokens, args.repeats)
         for model in models:
@@ -361,6 +381,11 @@ def main() -> None:
         "would not fit in 60%% of the free memory)",
     )
     parser.add_argument("--vocab_size", type=int, help="default: 4096 for tiny, 50304 otherwise")
+    parser.add_argument(
+        "--autocast",
+        choices=sorted(AUTOCAST_DTYPES),
+        help="timed forwards under torch.autocast with this dtype, weights in fp32 (as the Trainer's bf16/fp16)",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")
     args = parser.parse_args()
 

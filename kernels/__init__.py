@@ -7,7 +7,14 @@ of `remoe.kernels.triton_moe`, for CUDA tensors or for CPU tensors under `TRITON
 first use only: the interpreter must be switched on before `import triton`.
 
 `triton_experts_forward` is the same kernels behind Transformers' experts contract
-`(module, hidden_states, top_k_index, top_k_weights)`, which the ReMoE model registers as `experts_implementation="triton"`.
+`(module, hidden_states, top_k_index, top_k_weights)`, which the ReMoE model registers as `experts_implementation="triton"`;
+its pair count is known from the shapes, so it never synchronises with the host.
+
+The default on CUDA (`default_implementation`) stays "grouped_mm"; "triton" is opt-in until a GPU benchmark
+(`benchmarks/gpu_check.sh`) measures it ahead. Under autocast, "triton" and "grouped_mm" (whose kernels have no autocast
+rule) compute in the autocast dtype, with their operands cast as `F.linear` would cast them; "eager" and "batched_mm"
+get that from autocast itself. `REMOE_TRITON_DETERMINISTIC=1` (or `torch.use_deterministic_algorithms(True)`) gives
+Triton results that are bitwise the same across processes: one fixed kernel config instead of autotuning.
 """
 
 from __future__ import annotations
@@ -36,12 +43,16 @@ def _triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj) -> torch.Tensor:
+def _check_triton_device(hidden_states: torch.Tensor) -> None:
     if hidden_states.device.type != "cuda" and not _triton_interpreter_enabled():
         raise ValueError(
             f"implementation='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported to run on "
             f"{hidden_states.device.type}; got {hidden_states.device.type} tensors (use 'eager' or 'grouped_mm')"
         )
+
+
+def _triton_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj) -> torch.Tensor:
+    _check_triton_device(hidden_states)
     from .triton_moe import triton_sparse_moe_mlp
 
     return triton_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj)
@@ -57,7 +68,8 @@ if _TRITON_INSTALLED:
 
 
 def default_implementation(device: torch.device | str) -> str:
-    """The default for `device`: "grouped_mm" where torch has it (Triton stays opt-in until it is measured ahead)."""
+    """The default for `device`: "grouped_mm" where torch has it, also on CUDA (Triton stays opt-in until a GPU
+    benchmark measures it ahead of grouped_mm)."""
     return "grouped_mm" if hasattr(F, "grouped_mm") else "eager"
 
 
@@ -65,10 +77,17 @@ def triton_experts_forward(
     module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """The Triton kernels behind Transformers' experts contract: rows (R, H) routed to `top_k_index (R, K)` with
-    `top_k_weights (R, K)`; `module` holds `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`."""
-    gates = hidden_states.new_zeros(hidden_states.shape[0], module.gate_up_proj.shape[0], dtype=top_k_weights.dtype)
-    gates = gates.scatter(1, top_k_index, top_k_weights)
-    return sparse_moe_mlp(hidden_states, gates, module.gate_up_proj, module.down_proj, implementation="triton")
+    `top_k_weights (R, K)`; `module` holds `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`. An index of E or more
+    (expert parallelism's sentinel) contributes nothing."""
+    if top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 or len(top_k_index) != len(hidden_states):
+        raise ValueError(
+            f"top_k_index and top_k_weights must both be (R={len(hidden_states)}, K); got "
+            f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}"
+        )
+    _check_triton_device(hidden_states)
+    from .triton_moe import triton_top_k_moe_mlp
+
+    return triton_top_k_moe_mlp(hidden_states, top_k_index, top_k_weights, module.gate_up_proj, module.down_proj)
 
 
 def _check_shapes(hidden_states, gates, gate_up_proj, down_proj) -> None:

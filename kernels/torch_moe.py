@@ -29,6 +29,16 @@ def build_dispatch_plan(gates: torch.Tensor) -> DispatchPlan:
     return DispatchPlan(token_idx, expert_idx, gates[token_idx, expert_idx], offsets)
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` as `F.linear` would compute with them: where autocast is on for their device, the floating ones other
+    than float64 cast to the autocast dtype (for kernels that have no autocast rule of their own)."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
 def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -68,16 +78,22 @@ def grouped_mm_sparse_moe_mlp(
 ) -> torch.Tensor:
     """Sparse expert MLP with `torch.nn.functional.grouped_mm` over the expert-sorted pairs.
 
-    Where `grouped_mm_supported` says no, this runs the looped path, which gives the same result.
+    `grouped_mm` has no autocast rule: under autocast its operands are cast here as `F.linear` would cast them, and the
+    output keeps the dtype of `hidden_states`. Where `grouped_mm_supported` says no, this runs the looped path, which
+    gives the same result.
     """
-    if not grouped_mm_supported(hidden_states, gate_up_proj, down_proj):
+    output_dtype = hidden_states.dtype
+    operands = autocast_operands(hidden_states, gate_up_proj, down_proj)
+    if not grouped_mm_supported(*operands):
         return looped_sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj)
+    hidden_states, gate_up_proj, down_proj = operands
     plan = build_dispatch_plan(gates)
     rows = hidden_states[plan.token_idx]
     gate_up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=plan.offsets)
     expert_out = F.grouped_mm(_swiglu(gate_up).contiguous(), down_proj.transpose(1, 2), offs=plan.offsets)
     weighted = expert_out * plan.weights.to(expert_out.dtype)[:, None]
-    return torch.zeros_like(hidden_states).index_add_(0, plan.token_idx, weighted.to(hidden_states.dtype))
+    output = hidden_states.new_zeros(hidden_states.shape, dtype=output_dtype)
+    return output.index_add_(0, plan.token_idx, weighted.to(output_dtype))
 
 
 def looped_sparse_moe_mlp(

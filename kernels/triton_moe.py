@@ -1,68 +1,218 @@
 """Triton kernels for the dropless, variable-k sparse expert MLP (forward and backward).
 
-The (token, expert) pairs with a nonzero gate are sorted by expert (`build_dispatch_plan`). Every kernel works on
-that list directly: grouped GEMMs gather token rows by index, each program finds its expert and row block from the
-expert end-offsets on the device, and per-pair results are summed per token by a deterministic reduction kernel (no
-atomics, so forward and backward are bitwise reproducible). Nothing is padded and no token is dropped.
+The (token, expert) pairs with a nonzero gate are sorted by expert (`build_dispatch_plan`; for Transformers' fixed-k
+experts contract `triton_top_k_moe_mlp` sorts the routes, with no host synchronisation). Every kernel works on that list
+directly: grouped GEMMs gather token rows by index, each program finds its expert and row block from the expert
+end-offsets on the device, and results are summed per token in a fixed order (no atomics, so forward and backward are
+bitwise reproducible for a given kernel config). Nothing is padded and no token is dropped.
 
-Forward (P pairs, tensors in the input dtype unless noted):
+Forward (P pairs, T tokens, tensors in the compute dtype unless noted):
     `_gate_up_swiglu_kernel`   x[token] @ W_gate_up[e].T  -> gate_up (P, 2I, saved for backward), h = silu(gate) * up (P, I)
-    `_grouped_matmul_kernel`   gate[p] * h @ W_down[e].T  -> per-pair output (P, H) in fp32
-    `_token_sum_kernel`        sum of each token's pair rows -> output (T, H)
+    `_grouped_matmul_kernel`   gate[p] * h @ W_down[e].T, from the fp32 accumulator straight into the output row of a
+                               token with one pair, else into a per-pair buffer (P, H)
+    `_token_sum_kernel`        fp32 sum of the per-pair rows of every token with several pairs (zeros for none)
 Backward:
-    `_down_backward_kernel`    dy[token] @ W_down[e] -> d_gate_up (P, 2I) through the SiLU-gated product, and partial
-                               sums of the gate gradient <dy[token], W_down[e] h>
+    `_down_backward_kernel`    dy[token] @ W_down[e] -> d_gate_up (P, 2I) through the SiLU-gated product, h (P, I) for
+                               the down-projection weight gradient, and partial sums of the gate gradient
+                               <dy[token], W_down[e] h>
     `_weight_grad_kernel`      per expert, sum over its pairs: d W_down[e] = (gate * dy[token]).T @ h and
                                d W_gate_up[e] = d_gate_up.T @ x[token]
     `_grouped_matmul_kernel` + `_token_sum_kernel`  d x = sum over a token's pairs of d_gate_up @ W_gate_up[e]
 
-All products accumulate in fp32. The forward and backward are `torch.library.custom_op`s with a registered autograd
-formula and fake implementations, so they also run under `torch.compile`.
+All products accumulate in fp32. Under autocast the operands are cast as `F.linear` would cast them (the custom ops
+have no autocast rule of their own) and the output keeps the input's dtype, its token sums kept in fp32.
+
+Kernel configs are autotuned per (N, K, dtypes, pair-count bucket), with `_benchmark` (no 256 MB cache-flush buffer) and
+only configs that fit the device's shared memory. The config changes the accumulation order, hence the low bits of the
+result; for results that are bitwise the same across processes, `REMOE_TRITON_DETERMINISTIC=1` (or
+`torch.use_deterministic_algorithms(True)`) replaces autotuning by one fixed config per kernel and dtype
+(`FIXED_TILES`). The forward and backward are `torch.library.custom_op`s with a registered autograd formula and fake
+implementations, so they also run under `torch.compile`; every launch runs under a guard for its tensors' CUDA device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .torch_moe import build_dispatch_plan
+from .torch_moe import autocast_operands, build_dispatch_plan
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DETERMINISTIC_ENV = "REMOE_TRITON_DETERMINISTIC"
 
 
-def _configs(hopper: list[tuple[int, ...]], keys: tuple[str, ...]) -> list[triton.Config]:
-    """Autotune configs `(*block sizes, num_warps, num_stages)`; one small config in the interpreter."""
-    if _INTERPRET:
-        return [triton.Config(dict.fromkeys(keys, 16), num_warps=1, num_stages=1)]
-    return [
-        triton.Config(dict(zip(keys, blocks[:-2], strict=True)), num_warps=blocks[-2], num_stages=blocks[-1])
-        for blocks in hopper
-    ]
+def _patch_interpreter_loop_bounds() -> None:
+    """Triton 3.5's interpreter turns a scalar into a Python int (a `range` bound) with `int()` of a (1,)-shaped array,
+    which NumPy 2.4 refuses; later Triton squeezes the array first, and so does this patch of the older ones."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or "int(self.handle.data)" not in inspect.getsource(patch_tensor):
+        return
+
+    def patch_tensor_with_squeeze(tensor) -> None:
+        patch_tensor(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.squeeze())
+
+    interpreter._patch_lang_tensor = patch_tensor_with_squeeze
 
 
-_MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-# Two fp32 accumulators (gate and up) per program: keep BLOCK_N at 128 or below.
-_GATE_UP_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)], _MNK
-)
-_MATMUL_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)], _MNK
-)
-_DOWN_BACKWARD_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)], _MNK
-)
-_WEIGHT_GRAD_CONFIGS = _configs(
-    [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 128, 4, 3)], _MNK
-)
+if _INTERPRET:
+    _patch_interpreter_loop_bounds()
+
+
+class Tiles(NamedTuple):
+    """One kernel config: block sizes, warps and software-pipeline stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# Fits the ~100 KB of shared memory of consumer GPUs (sm86/sm89) even in fp32.
+_SMALL_TILES = Tiles(64, 64, 32, 4, 3)
+# BLOCK_N at most 128: the gate-up kernel holds two fp32 accumulators (gate and up) per program, the down-projection
+# backward its product and the gate and up activations.
+_NARROW_TILES = (
+    Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 32, 8, 4), Tiles(128, 64, 64, 4, 4), Tiles(64, 128, 64, 4, 4),
+    Tiles(64, 64, 64, 4, 4), _SMALL_TILES,
+)  # fmt: skip
+# Autotune candidates, tuned on Hopper; configs that do not fit the device's shared memory are pruned at tuning time.
+GPU_TILES: dict[str, tuple[Tiles, ...]] = {
+    "gate_up": _NARROW_TILES,
+    "matmul": (
+        Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3), Tiles(128, 128, 32, 8, 4), Tiles(64, 128, 64, 4, 4),
+        Tiles(64, 64, 64, 4, 4), _SMALL_TILES,
+    ),
+    "down_backward": _NARROW_TILES,
+    "weight_grad": (
+        Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 32, 8, 4), Tiles(128, 64, 64, 4, 4), Tiles(64, 128, 64, 4, 4),
+        Tiles(64, 64, 128, 4, 3), _SMALL_TILES,
+    ),
+}  # fmt: skip
+# The deterministic configs, one per kernel and operand element size (2: bf16/fp16, 4: fp32), each within 99 KB.
+FIXED_TILES: dict[tuple[str, int], Tiles] = {
+    ("gate_up", 2): Tiles(128, 128, 32, 8, 4),
+    ("matmul", 2): Tiles(128, 128, 64, 8, 3),
+    ("down_backward", 2): Tiles(128, 128, 64, 8, 3),
+    ("weight_grad", 2): Tiles(128, 128, 32, 8, 4),
+    **{(name, 4): _SMALL_TILES for name in GPU_TILES},
+}
+_INTERPRETER_TILES = Tiles(16, 16, 16, 1, 1)
 # The gate-gradient partial sums get one row per column block of `_down_backward_kernel`: size for the smallest.
-_DOWN_BACKWARD_MIN_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _DOWN_BACKWARD_CONFIGS)
+_DOWN_BACKWARD_MIN_BLOCK_N = (
+    _INTERPRETER_TILES.block_n
+    if _INTERPRET
+    else min(t.block_n for t in (*GPU_TILES["down_backward"], *(FIXED_TILES[("down_backward", s)] for s in (2, 4))))
+)
 _TOKEN_SUM_BLOCK_H = 16 if _INTERPRET else 1024
 _GROUP_M = 2 if _INTERPRET else 8
 _AUTOTUNE_KEY = ["N", "K", "pairs_bucket"]
+# Upper edges of the pair-count buckets of the autotune key (the last one: everything larger). Each sits at 1.5 times a
+# power of two, so that the steady pair count T*k of a power-of-two token count T stays inside one bucket.
+PAIR_BUCKET_EDGES = (1536, 12288, 2**31 - 16)
+_BENCHMARK_RUNS = 10
+
+
+def shared_memory_bytes(tiles: Tiles, element_size: int, b_tiles: int = 1) -> int:
+    """Estimated shared memory of one program: `num_stages` buffers of its A tile and of `b_tiles` B tiles."""
+    return tiles.num_stages * (tiles.block_m * tiles.block_k + b_tiles * tiles.block_k * tiles.block_n) * element_size
+
+
+def b_tiles(kernel: str, swiglu_b: bool = False) -> int:
+    """B tiles per pipeline stage: the gate-up kernel loads gate and up weights, `_weight_grad_kernel` with SWIGLU_B
+    the gate and up activations."""
+    return 2 if kernel == "gate_up" or (kernel == "weight_grad" and swiglu_b) else 1
+
+
+def fixed_configs_enabled() -> bool:
+    """Whether the kernels run with `FIXED_TILES` instead of autotuned configs."""
+    return os.environ.get(DETERMINISTIC_ENV, "0") == "1" or torch.are_deterministic_algorithms_enabled()
+
+
+def fixed_tiles(kernel: str, element_size: int) -> Tiles:
+    return _INTERPRETER_TILES if _INTERPRET else FIXED_TILES[(kernel, 4 if element_size >= 4 else 2)]
+
+
+def _config(tiles: Tiles) -> triton.Config:
+    blocks = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n, "BLOCK_K": tiles.block_k}
+    return triton.Config(blocks, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _tiles_of(config: triton.Config) -> Tiles:
+    blocks = config.kwargs
+    return Tiles(blocks["BLOCK_M"], blocks["BLOCK_N"], blocks["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _prune_to_shared_memory(kernel: str, configs: list[triton.Config], named_args: dict, **kwargs) -> list:
+    """The configs that fit the device's shared memory, or the smallest one if none does."""
+    first_operand = next(iter(named_args.values()))
+    limit = _max_shared_memory(first_operand.device.index)
+    size = {
+        config: shared_memory_bytes(
+            _tiles_of(config), first_operand.element_size(), b_tiles(kernel, kwargs.get("SWIGLU_B", False))
+        )
+        for config in configs
+    }
+    return [config for config in configs if size[config] <= limit] or [min(configs, key=size.get)]
+
+
+def _benchmark(kernel_call: Callable[[], None], quantiles: tuple[float, ...]) -> list[float]:
+    """Autotuning timer: quantiles of a few CUDA-event timed runs after one warm-up, without `triton.testing.do_bench`'s
+    256 MB cache-flush buffer and its 100 ms of runs per config (a retune may happen in the middle of training)."""
+    kernel_call()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(_BENCHMARK_RUNS)
+    ]
+    for start, end in events:
+        start.record()
+        kernel_call()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return [times[min(int(q * len(times)), len(times) - 1)] for q in quantiles]
+
+
+class _Kernel:
+    """A jitted kernel, launched with its autotuned config, or with its fixed config when `fixed_configs_enabled()`."""
+
+    def __init__(self, fn, name: str, key: list[str], **autotune_options) -> None:
+        self.fn, self.name = fn, name
+        tiles = (_INTERPRETER_TILES,) if _INTERPRET else GPU_TILES[name]
+        self.autotuned = triton.autotune(
+            configs=[_config(t) for t in tiles],
+            key=key,
+            prune_configs_by={"early_config_prune": functools.partial(_prune_to_shared_memory, name)},
+            do_bench=_benchmark,
+            **autotune_options,
+        )(fn)
+
+    def __getitem__(self, grid) -> Callable[..., None]:
+        """A launcher on `grid`; the config of a fixed launch follows the element size of the first operand."""
+
+        def launch(*args, **kwargs) -> None:
+            if fixed_configs_enabled():
+                config = _config(fixed_tiles(self.name, args[0].element_size()))
+                self.fn[grid](*args, **kwargs, **config.all_kwargs())
+            else:
+                self.autotuned[grid](*args, **kwargs)
+
+        return launch
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,7 +297,6 @@ def _matmul_rows(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_GATE_UP_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _gate_up_swiglu_kernel(
     x_ptr,
@@ -219,13 +368,15 @@ def _gate_up_swiglu_kernel(
     tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=_AUTOTUNE_KEY)
 @triton.jit
 def _grouped_matmul_kernel(
     a_ptr,
     b_ptr,
     out_ptr,
+    pair_out_ptr,
     offsets_ptr,
+    token_idx_ptr,
+    token_offsets_ptr,
     row_scale_ptr,
     num_experts,
     num_pairs,
@@ -237,7 +388,8 @@ def _grouped_matmul_kernel(
     stride_be,
     stride_bk,
     stride_bn,
-    stride_op,
+    stride_ot,
+    stride_pp,
     SCALE_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -247,7 +399,8 @@ def _grouped_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """`out[p] = row_scale[p] * a[p] @ b[e]` for the pairs p of expert e, with `b[e]` of shape (K, N)."""
+    """`row_scale[p] * a[p] @ b[e]` for the pairs p of expert e, with `b[e]` of shape (K, N), stored into
+    `out[token[p]]` when p is the only pair of its token and into `pair_out[p]` otherwise."""
     num_pid_m = tl.cdiv(num_pairs, BLOCK_M) + tl.minimum(num_experts, num_pairs)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert, row_start, row_end = _expert_row_block(pid_m, offsets_ptr, num_experts, BLOCK_M, BLOCK_E)
@@ -265,20 +418,29 @@ def _grouped_matmul_kernel(
     )  # fmt: skip
     if SCALE_ROWS:
         acc *= tl.load(row_scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows[:, None] * stride_op + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    tokens = tl.load(token_idx_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    first = tl.load(token_offsets_ptr + tokens, mask=row_mask, other=0)
+    token_pairs = tl.load(token_offsets_ptr + tokens + 1, mask=row_mask, other=0) - first
+    mask = row_mask[:, None] & col_mask[None, :]
+    out_ptrs = out_ptr + tokens[:, None] * stride_ot + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask & (token_pairs == 1)[:, None])
+    pair_out_ptrs = pair_out_ptr + rows[:, None] * stride_pp + cols[None, :]
+    tl.store(pair_out_ptrs, acc.to(pair_out_ptr.dtype.element_ty), mask=mask & (token_pairs != 1)[:, None])
 
 
 @triton.jit
 def _token_sum_kernel(
     pair_out_ptr, out_ptr, token_offsets_ptr, pair_order_ptr, H, stride_pp, stride_ot, BLOCK_H: tl.constexpr
 ):
-    """`out[t] = sum of pair_out[p]` over the pairs of token t, in a fixed order (zero for a token without experts)."""
+    """`out[t] = fp32 sum of pair_out[p]` over the pairs of token t in a fixed order, for tokens without pairs (zero)
+    or with several; `_grouped_matmul_kernel` has written the rows of tokens with one pair."""
     token = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_mask = cols < H
     first = tl.load(token_offsets_ptr + token)
     last = tl.load(token_offsets_ptr + token + 1)
+    if last - first == 1:
+        return
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_mask = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for i in range(first, last):
         pair = tl.load(pair_order_ptr + i).to(tl.int64)
@@ -286,8 +448,6 @@ def _token_sum_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
-# Configs differ in BLOCK_N, hence in which partial-sum rows they write: zero the buffer around the benchmarking.
-@triton.autotune(configs=_DOWN_BACKWARD_CONFIGS, key=_AUTOTUNE_KEY, reset_to_zero=["d_gate_partial_ptr"])
 @triton.jit
 def _down_backward_kernel(
     dy_ptr,
@@ -297,6 +457,7 @@ def _down_backward_kernel(
     gate_weight_ptr,
     gate_up_ptr,
     d_gate_up_ptr,
+    h_ptr,
     d_gate_partial_ptr,
     num_experts,
     num_pairs,
@@ -310,7 +471,9 @@ def _down_backward_kernel(
     stride_wn,
     stride_gp,
     stride_dgp,
+    stride_hp,
     stride_partial,
+    STORE_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -322,7 +485,8 @@ def _down_backward_kernel(
     """Backward of the down projection and of the SiLU-gated product; N = I, K = H.
 
     With `dh = dy[token[p]] @ W_down[e]`: `d_gate_up[p] = (gate[p] * dh) * (silu'(gate_pre) * up, silu(gate_pre))`,
-    and this column block's share of the gate gradient `<dh, h[p]>` goes to `d_gate_partial[pid_n, p]`.
+    this column block's share of the gate gradient `<dh, h[p]>` goes to `d_gate_partial[pid_n, p]`, and with STORE_H
+    `h[p] = silu(gate_pre) * up` (the forward's h, for the down-projection weight gradient).
     """
     num_pid_m = tl.cdiv(num_pairs, BLOCK_M) + tl.minimum(num_experts, num_pairs)
     pid_m, pid_n = _swizzle(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -347,7 +511,11 @@ def _down_backward_kernel(
     up = tl.load(gate_ptrs + N, mask=mask, other=0.0).to(tl.float32)
     sigmoid = tl.sigmoid(gate)
     silu = gate * sigmoid
-    tl.store(d_gate_partial_ptr + pid_n * stride_partial + rows, tl.sum(dh * silu * up, axis=1), mask=row_mask)
+    h = silu * up
+    partial_ptrs = d_gate_partial_ptr + pid_n.to(tl.int64) * stride_partial + rows
+    tl.store(partial_ptrs, tl.sum(dh * h, axis=1), mask=row_mask)
+    if STORE_H:
+        tl.store(h_ptr + rows[:, None] * stride_hp + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
 
     dh *= tl.load(gate_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     d_gate = dh * up * sigmoid * (1.0 + gate * (1.0 - sigmoid))
@@ -357,7 +525,6 @@ def _down_backward_kernel(
     tl.store(d_gate_ptrs + N, d_up.to(d_gate_up_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_WEIGHT_GRAD_CONFIGS, key=["M", "N", "pairs_bucket"])
 @triton.jit
 def _weight_grad_kernel(
     a_ptr,
@@ -434,6 +601,13 @@ def _weight_grad_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+_GATE_UP = _Kernel(_gate_up_swiglu_kernel, "gate_up", _AUTOTUNE_KEY)
+_MATMUL = _Kernel(_grouped_matmul_kernel, "matmul", _AUTOTUNE_KEY)
+# Configs differ in BLOCK_N, hence in which partial-sum rows they write: zero the buffer around the benchmarking.
+_DOWN_BACKWARD = _Kernel(_down_backward_kernel, "down_backward", _AUTOTUNE_KEY, reset_to_zero=["d_gate_partial_ptr"])
+_WEIGHT_GRAD = _Kernel(_weight_grad_kernel, "weight_grad", ["M", "N", "pairs_bucket", "SWIGLU_B"])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -446,8 +620,9 @@ def _dot_options(dtype: torch.dtype) -> dict[str, object]:
 
 
 def _pairs_bucket(num_pairs: int) -> int:
-    """A coarse pair count for the autotune key, so that routing changes do not retune every step."""
-    return min(triton.next_power_of_2(max(num_pairs, 1)), 1 << 16)
+    """The pair-count bucket of the autotune key (its upper edge), so that routing changes rarely retune: a run tunes
+    each kernel at most `len(PAIR_BUCKET_EDGES)` times per shape and dtype."""
+    return next((edge for edge in PAIR_BUCKET_EDGES if num_pairs <= edge), PAIR_BUCKET_EDGES[-1])
 
 
 def _row_block_grid(num_pairs: int, num_experts: int, num_cols: int):
@@ -468,36 +643,38 @@ def _block_e(num_experts: int) -> int:
     return max(2, triton.next_power_of_2(num_experts))
 
 
-def _launch_grouped_matmul(
+def _device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """`tensor`'s CUDA device as the current one: Triton launches on the current device and its current stream."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _grouped_matmul_summed(
     a: torch.Tensor,
     b: torch.Tensor,
     b_strides_ekn: tuple[int, int, int],
     num_cols: int,
     offsets: torch.Tensor,
+    token_idx: torch.Tensor,
+    order: TokenOrder,
+    out_dtype: torch.dtype,
     row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 `out[p] = row_scale[p] * a[p] @ b[e]` for expert-sorted pair rows `a (P, K)`, with `b[e]` seen as (K, N)."""
-    num_pairs, num_experts = a.shape[0], offsets.shape[0]
-    out = torch.empty(num_pairs, num_cols, device=a.device, dtype=torch.float32)
-    _grouped_matmul_kernel[_row_block_grid(num_pairs, num_experts, num_cols)](
-        a, b, out, offsets, row_scale if row_scale is not None else a,
+    """`out[t] = sum over the pairs p of token t of row_scale[p] * a[p] @ b[e]`, (T, N) in `out_dtype`, for the
+    expert-sorted pair rows `a (P, K)` and `b[e]` seen as (K, N). Rows of several pairs go through a per-pair buffer in
+    `a`'s dtype and are summed in fp32."""
+    num_pairs, num_experts, num_tokens = a.shape[0], offsets.shape[0], order.token_offsets.shape[0] - 1
+    out = torch.empty(num_tokens, num_cols, device=a.device, dtype=out_dtype)
+    pair_out = torch.empty(num_pairs, num_cols, device=a.device, dtype=a.dtype)
+    _MATMUL[_row_block_grid(num_pairs, num_experts, num_cols)](
+        a, b, out, pair_out, offsets, token_idx, order.token_offsets, row_scale if row_scale is not None else a,
         num_experts, num_pairs, num_cols, a.shape[1], _pairs_bucket(num_pairs),
-        a.stride(0), a.stride(1), *b_strides_ekn, out.stride(0),
-        SCALE_ROWS=row_scale is not None, **_dot_options(a.dtype),
-        BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
+        a.stride(0), a.stride(1), *b_strides_ekn, out.stride(0), pair_out.stride(0),
+        SCALE_ROWS=row_scale is not None, **_dot_options(a.dtype), BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
     )  # fmt: skip
-    return out
-
-
-def _launch_token_sum(
-    pair_out: torch.Tensor, token_offsets: torch.Tensor, pair_order: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    num_tokens, hidden = token_offsets.shape[0] - 1, pair_out.shape[1]
-    out = torch.empty(num_tokens, hidden, device=pair_out.device, dtype=dtype)
-    grid = (num_tokens, triton.cdiv(hidden, _TOKEN_SUM_BLOCK_H))
-    _token_sum_kernel[grid](
-        pair_out, out, token_offsets, pair_order, hidden, pair_out.stride(0), out.stride(0), BLOCK_H=_TOKEN_SUM_BLOCK_H
-    )
+    _token_sum_kernel[(num_tokens, triton.cdiv(num_cols, _TOKEN_SUM_BLOCK_H))](
+        pair_out, out, order.token_offsets, order.pair_order, num_cols, pair_out.stride(0), out.stride(0),
+        BLOCK_H=_TOKEN_SUM_BLOCK_H,
+    )  # fmt: skip
     return out
 
 
@@ -519,7 +696,7 @@ def _launch_weight_grad(
     def grid(meta):
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), num_experts)
 
-    _weight_grad_kernel[grid](
+    _WEIGHT_GRAD[grid](
         a, b, out, token_idx, offsets, gate_weights,
         num_experts, rows, cols, _pairs_bucket(token_idx.shape[0]),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
@@ -533,6 +710,23 @@ def _launch_weight_grad(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class TokenOrder(NamedTuple):
+    """The expert-sorted pairs listed token by token."""
+
+    token_offsets: torch.Tensor  # (T + 1,) int64: token t owns pair_order[token_offsets[t]:token_offsets[t + 1]]
+    pair_order: torch.Tensor  # (P,) int64 positions in the expert-sorted pair list
+
+
+def build_token_order(token_idx: torch.Tensor, num_tokens: int) -> TokenOrder:
+    """Group the expert-sorted pairs by token, on the device and without host synchronisation.
+
+    A pair whose `token_idx` is `num_tokens` or more belongs to no token: it is listed after every token's pairs.
+    """
+    pair_order = torch.argsort(token_idx, stable=True)
+    boundaries = torch.arange(num_tokens + 1, device=token_idx.device, dtype=token_idx.dtype)
+    return TokenOrder(torch.searchsorted(token_idx[pair_order], boundaries), pair_order)
+
+
 @torch.library.custom_op("remoe::sparse_moe_mlp_forward", mutates_args=())
 def _forward_op(
     hidden_states: torch.Tensor,
@@ -544,33 +738,42 @@ def _forward_op(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     save_gate_up: bool,
+    output_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The expert MLP over expert-sorted pairs; returns the output and, if `save_gate_up`, the (P, 2I) activations."""
+    """The expert MLP over expert-sorted pairs; returns the output (T, H), contiguous, in `output_dtype` (default:
+    that of `hidden_states`) and, if `save_gate_up`, the (P, 2I) activations."""
     (num_tokens, hidden), intermediate = hidden_states.shape, down_proj.shape[2]
     num_pairs, num_experts = token_idx.shape[0], offsets.shape[0]
+    output_dtype = output_dtype or hidden_states.dtype
     gate_up = hidden_states.new_empty(num_pairs if save_gate_up else 0, 2 * intermediate)
     if num_pairs == 0:
-        return hidden_states.new_zeros(num_tokens, hidden), gate_up
+        return hidden_states.new_zeros(num_tokens, hidden, dtype=output_dtype), gate_up
 
-    h = hidden_states.new_empty(num_pairs, intermediate)
-    _gate_up_swiglu_kernel[_row_block_grid(num_pairs, num_experts, intermediate)](
-        hidden_states, gate_up_proj, token_idx, offsets, gate_up if save_gate_up else h, h,
-        num_experts, num_pairs, intermediate, hidden, _pairs_bucket(num_pairs),
-        hidden_states.stride(0), hidden_states.stride(1), *gate_up_proj.stride(), gate_up.stride(0), h.stride(0),
-        STORE_GATE_UP=save_gate_up, **_dot_options(hidden_states.dtype),
-        BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
-    )  # fmt: skip
-    down_t = (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1))
-    pair_out = _launch_grouped_matmul(h, down_proj, down_t, hidden, offsets, row_scale=gate_weights)
-    return _launch_token_sum(pair_out, token_offsets, pair_order, hidden_states.dtype), gate_up
+    with _device_guard(hidden_states):
+        h = hidden_states.new_empty(num_pairs, intermediate)
+        _GATE_UP[_row_block_grid(num_pairs, num_experts, intermediate)](
+            hidden_states, gate_up_proj, token_idx, offsets, gate_up if save_gate_up else h, h,
+            num_experts, num_pairs, intermediate, hidden, _pairs_bucket(num_pairs),
+            hidden_states.stride(0), hidden_states.stride(1), *gate_up_proj.stride(), gate_up.stride(0), h.stride(0),
+            STORE_GATE_UP=save_gate_up, **_dot_options(hidden_states.dtype),
+            BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
+        )  # fmt: skip
+        down_t = (down_proj.stride(0), down_proj.stride(2), down_proj.stride(1))
+        order = TokenOrder(token_offsets, pair_order)
+        output = _grouped_matmul_summed(
+            h, down_proj, down_t, hidden, offsets, token_idx, order, output_dtype, row_scale=gate_weights
+        )
+    return output, gate_up
 
 
 @_forward_op.register_fake
 def _(
-    hidden_states, gate_weights, token_idx, offsets, token_offsets, pair_order, gate_up_proj, down_proj, save_gate_up
-):
+    hidden_states, gate_weights, token_idx, offsets, token_offsets, pair_order, gate_up_proj, down_proj, save_gate_up,
+    output_dtype=None,
+):  # fmt: skip
     num_pairs = token_idx.shape[0] if save_gate_up else 0
-    return torch.empty_like(hidden_states), hidden_states.new_empty(num_pairs, gate_up_proj.shape[1])
+    output = hidden_states.new_empty(hidden_states.shape, dtype=output_dtype or hidden_states.dtype)
+    return output, hidden_states.new_empty(num_pairs, gate_up_proj.shape[1])
 
 
 @torch.library.custom_op("remoe::sparse_moe_mlp_backward", mutates_args=())
@@ -595,50 +798,57 @@ def _backward_op(
     A gradient that is not needed comes back as an empty tensor.
     """
     num_pairs, num_experts, intermediate = token_idx.shape[0], offsets.shape[0], down_proj.shape[2]
+    needs = (needs_hidden_states, needs_gate_weights, needs_gate_up_proj, needs_down_proj)
     if num_pairs == 0:
         return tuple(
-            grad.zero_()
-            for grad in _empty_grads(
-                hidden_states, gate_weights, gate_up_proj, down_proj,
-                needs_hidden_states, needs_gate_weights, needs_gate_up_proj, needs_down_proj,
-            )
-        )  # fmt: skip
+            grad.zero_() for grad in _empty_grads(hidden_states, gate_weights, gate_up_proj, down_proj, *needs)
+        )
     if gate_up.shape[0] != num_pairs:
         raise RuntimeError("sparse_moe_mlp: the forward did not save its activations (it ran without gradients)")
     d_hidden, d_weights, d_gate_up_proj, d_down_proj = _empty_grads(
-        hidden_states, gate_weights, gate_up_proj, down_proj,
-        needs_hidden_states, needs_gate_weights, needs_gate_up_proj, needs_down_proj,
-    )  # fmt: skip
-    grad_output = grad_output.to(hidden_states.dtype)
-
-    if needs_hidden_states or needs_gate_weights or needs_gate_up_proj:
-        d_gate_up = torch.empty_like(gate_up)
-        partial = gate_up.new_zeros(
-            triton.cdiv(intermediate, _DOWN_BACKWARD_MIN_BLOCK_N), num_pairs, dtype=torch.float32
-        )
-        _down_backward_kernel[_row_block_grid(num_pairs, num_experts, intermediate)](
-            grad_output, down_proj, token_idx, offsets, gate_weights, gate_up, d_gate_up, partial,
-            num_experts, num_pairs, intermediate, down_proj.shape[1], _pairs_bucket(num_pairs),
-            grad_output.stride(0), grad_output.stride(1), *down_proj.stride(),
-            gate_up.stride(0), d_gate_up.stride(0), partial.stride(0),
-            **_dot_options(hidden_states.dtype), BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
-        )  # fmt: skip
-        if needs_gate_weights:
-            d_weights = partial.sum(0).to(gate_weights.dtype)
-        if needs_gate_up_proj:
-            _launch_weight_grad(
-                d_gate_up, hidden_states, d_gate_up_proj, token_idx, offsets, gate_weights,
-                gather_a=False, scale_a=False, gather_b=True, swiglu_b=False,
+        hidden_states, gate_weights, gate_up_proj, down_proj, *needs
+    )
+    with _device_guard(hidden_states):
+        grad_output = grad_output.to(hidden_states.dtype)
+        if needs_hidden_states or needs_gate_weights or needs_gate_up_proj:
+            d_gate_up = torch.empty_like(gate_up)
+            h = gate_up.new_empty(num_pairs if needs_down_proj else 0, intermediate)
+            partial = gate_up.new_zeros(
+                triton.cdiv(intermediate, _DOWN_BACKWARD_MIN_BLOCK_N), num_pairs, dtype=torch.float32
+            )
+            _DOWN_BACKWARD[_row_block_grid(num_pairs, num_experts, intermediate)](
+                grad_output, down_proj, token_idx, offsets, gate_weights, gate_up, d_gate_up,
+                h if needs_down_proj else d_gate_up, partial,
+                num_experts, num_pairs, intermediate, down_proj.shape[1], _pairs_bucket(num_pairs),
+                grad_output.stride(0), grad_output.stride(1), *down_proj.stride(),
+                gate_up.stride(0), d_gate_up.stride(0), h.stride(0), partial.stride(0),
+                STORE_H=needs_down_proj, **_dot_options(hidden_states.dtype),
+                BLOCK_E=_block_e(num_experts), GROUP_M=_GROUP_M,
             )  # fmt: skip
-        if needs_hidden_states:
-            hidden = hidden_states.shape[1]
-            pair_grad = _launch_grouped_matmul(d_gate_up, gate_up_proj, gate_up_proj.stride(), hidden, offsets)
-            d_hidden = _launch_token_sum(pair_grad, token_offsets, pair_order, hidden_states.dtype)
-    if needs_down_proj:
-        _launch_weight_grad(
-            grad_output, gate_up, d_down_proj, token_idx, offsets, gate_weights,
-            gather_a=True, scale_a=True, gather_b=False, swiglu_b=True,
-        )  # fmt: skip
+            if needs_down_proj:
+                _launch_weight_grad(
+                    grad_output, h, d_down_proj, token_idx, offsets, gate_weights,
+                    gather_a=True, scale_a=True, gather_b=False, swiglu_b=False,
+                )  # fmt: skip
+                del h
+            if needs_gate_weights:
+                d_weights = partial.sum(0).to(gate_weights.dtype)
+            if needs_gate_up_proj:
+                _launch_weight_grad(
+                    d_gate_up, hidden_states, d_gate_up_proj, token_idx, offsets, gate_weights,
+                    gather_a=False, scale_a=False, gather_b=True, swiglu_b=False,
+                )  # fmt: skip
+            if needs_hidden_states:
+                order = TokenOrder(token_offsets, pair_order)
+                d_hidden = _grouped_matmul_summed(
+                    d_gate_up, gate_up_proj, gate_up_proj.stride(), hidden_states.shape[1], offsets, token_idx,
+                    order, hidden_states.dtype,
+                )  # fmt: skip
+        elif needs_down_proj:  # only the down projection trains: h from gate_up inside the weight-gradient kernel
+            _launch_weight_grad(
+                grad_output, gate_up, d_down_proj, token_idx, offsets, gate_weights,
+                gather_a=True, scale_a=True, gather_b=False, swiglu_b=True,
+            )  # fmt: skip
     return d_hidden, d_weights, d_gate_up_proj, d_down_proj
 
 
@@ -655,15 +865,13 @@ def _(grad_output, hidden_states, gate_weights, token_idx, offsets, token_offset
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden_states, gate_weights, token_idx, offsets, token_offsets, pair_order, gate_up_proj, down_proj, _ = inputs
-    ctx.save_for_backward(
-        hidden_states, gate_weights, token_idx, offsets, token_offsets, pair_order, gate_up_proj, down_proj, output[1]
-    )
+    ctx.save_for_backward(*inputs[:8], output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, grad_output: torch.Tensor, _grad_gate_up: torch.Tensor | None):
-    needs_hidden, needs_weights, *_, needs_gate_up_proj, needs_down_proj, _ = ctx.needs_input_grad
+    needs = ctx.needs_input_grad
+    needs_hidden, needs_weights, needs_gate_up_proj, needs_down_proj = needs[0], needs[1], needs[6], needs[7]
     d_hidden, d_weights, d_gate_up_proj, d_down_proj = _backward_op(
         grad_output, *ctx.saved_tensors, needs_hidden, needs_weights, needs_gate_up_proj, needs_down_proj
     )
@@ -677,42 +885,79 @@ def _backward(ctx, grad_output: torch.Tensor, _grad_gate_up: torch.Tensor | None
         d_gate_up_proj if needs_gate_up_proj else None,
         d_down_proj if needs_down_proj else None,
         None,
+        None,
     )
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class TokenOrder(NamedTuple):
-    """The expert-sorted pairs listed token by token."""
+def _compute_operands(
+    hidden_states: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The operands in the dtype the kernels compute in: autocast's where it is on, else their own common dtype."""
+    hidden_states, gate_up_proj, down_proj = autocast_operands(hidden_states, gate_up_proj, down_proj)
+    if not hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype:
+        raise ValueError(
+            "the triton implementation needs hidden_states, gate_up_proj and down_proj in one dtype; got "
+            f"{hidden_states.dtype}, {gate_up_proj.dtype} and {down_proj.dtype}"
+        )
+    return hidden_states, gate_up_proj, down_proj
 
-    token_offsets: torch.Tensor  # (T + 1,) int64: token t owns pair_order[token_offsets[t]:token_offsets[t + 1]]
-    pair_order: torch.Tensor  # (P,) int64 positions in the expert-sorted pair list
+
+def _run(
+    compute: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    output_dtype: torch.dtype,
+    save_gate_up: bool,
+    token_idx: torch.Tensor,
+    weights: torch.Tensor,
+    offsets: torch.Tensor,
+    order: TokenOrder,
+) -> torch.Tensor:
+    """The forward operator on the compute operands `(hidden_states, gate_up_proj, down_proj)` and the pairs."""
+    hidden_states, gate_up_proj, down_proj = compute
+    output, _ = _forward_op(
+        hidden_states, weights, token_idx, offsets, order.token_offsets, order.pair_order, gate_up_proj, down_proj,
+        save_gate_up, output_dtype,
+    )  # fmt: skip
+    return output
 
 
-def build_token_order(token_idx: torch.Tensor, num_tokens: int) -> TokenOrder:
-    """Group the expert-sorted pairs by token, on the device and without host synchronisation."""
-    pair_order = torch.argsort(token_idx, stable=True)
-    boundaries = torch.arange(num_tokens + 1, device=token_idx.device, dtype=token_idx.dtype)
-    return TokenOrder(torch.searchsorted(token_idx[pair_order], boundaries), pair_order)
+def _saves_activations(*inputs: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def triton_sparse_moe_mlp(
     hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:
     """Sparse expert MLP with the Triton kernels (CUDA tensors, or CPU tensors with `TRITON_INTERPRET=1`)."""
-    if not hidden_states.dtype == gate_up_proj.dtype == down_proj.dtype:
-        raise ValueError(
-            "the triton implementation needs hidden_states, gate_up_proj and down_proj in one dtype; got "
-            f"{hidden_states.dtype}, {gate_up_proj.dtype} and {down_proj.dtype}"
-        )
+    compute = _compute_operands(hidden_states, gate_up_proj, down_proj)
     plan = build_dispatch_plan(gates)
     order = build_token_order(plan.token_idx, hidden_states.shape[0])
-    save_gate_up = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (hidden_states, gates, gate_up_proj, down_proj)
-    )
-    output, _ = _forward_op(
-        hidden_states, plan.weights, plan.token_idx, plan.offsets, order.token_offsets, order.pair_order,
-        gate_up_proj, down_proj, save_gate_up,
-    )  # fmt: skip
-    return output
+    save_gate_up = _saves_activations(hidden_states, gates, gate_up_proj, down_proj)
+    return _run(compute, hidden_states.dtype, save_gate_up, plan.token_idx, plan.weights, plan.offsets, order)
+
+
+def triton_top_k_moe_mlp(
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+) -> torch.Tensor:
+    """`(R, H)`: row r gets `sum_j top_k_weights[r, j] * FFN_{top_k_index[r, j]}(hidden_states[r])`, with the Triton
+    kernels; an index of E or more (expert parallelism's sentinel) contributes nothing.
+
+    The pair count is R*K, known without looking at the routes: unlike `triton_sparse_moe_mlp`, nothing synchronises
+    with the host.
+    """
+    compute = _compute_operands(hidden_states, gate_up_proj, down_proj)
+    num_rows, num_experts = top_k_index.shape[0], gate_up_proj.shape[0]
+    experts, pairs = torch.sort(top_k_index.reshape(-1), stable=True)
+    token_idx = pairs // top_k_index.shape[1]
+    boundaries = torch.arange(1, num_experts + 1, device=experts.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts, boundaries, out_int32=True)
+    order = build_token_order(torch.where(experts < num_experts, token_idx, num_rows), num_rows)
+    save_gate_up = _saves_activations(hidden_states, top_k_weights, gate_up_proj, down_proj)
+    weights = top_k_weights.reshape(-1)[pairs]
+    return _run(compute, hidden_states.dtype, save_gate_up, token_idx, weights, offsets, order)

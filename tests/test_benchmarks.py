@@ -1,11 +1,13 @@
 """The model benchmark runs end to end on a toy size, resident and swapped, and reports every contestant."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .conftest import TINY_DIMS
@@ -37,3 +39,40 @@ def test_bench_model_reports_every_contestant(tmp_path, swap_models):
         assert ("experts_per_token" in row) is model.startswith("remoe")
     assert rows[("remoe-topk", "eager")]["experts_per_token"] == 1.0
     assert rows[("remoe-relu", "eager")]["calibration_steps"] in (1, 2)
+
+
+def test_gpu_check_dry_run_writes_every_result(tmp_path):
+    """`benchmarks/gpu_check.sh --dry_run`: the GPU check's steps on CPU with tiny shapes, each result as JSON."""
+    output = tmp_path / "gpu_check"
+    command = ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry_run", "--output_dir", str(output)]
+    environment = {**os.environ, "PYTHON": sys.executable}
+    completed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    def load(name: str) -> dict:
+        return json.loads((output / name).read_text())
+
+    summary = load("summary.json")
+    steps = {step["step"]: step for step in summary["steps"]}
+    expected_steps = ("environment", "cuda_tests", "experts_bf16", "experts_autocast", "model_182m", "autotune_tests")
+    assert tuple(steps) == expected_steps
+    assert summary["ok"] and all(step["exit_status"] == 0 and step["seconds"] > 0 for step in steps.values()), steps
+    assert load("environment.json")["dry_run"] is True and load("environment.json")["torch"] == torch.__version__
+    for tests in ("cuda_tests.json", "autotune_tests.json"):
+        report = load(tests)
+        assert report["complete"] and report["tests"] > 0 and report["failures"] == report["errors"] == 0, report
+
+    for name, dtype, autocast in (("bf16", "bfloat16", None), ("autocast", "float32", "bfloat16")):
+        report = load(f"bench_experts_{name}.json")
+        assert (report["dtype"], report["autocast"]) == (dtype, autocast)
+        rows = {row["implementation"]: row for row in report["results"]}
+        assert set(rows) == {"triton", "grouped_mm", "eager", "dense"}
+        for row in rows.values():
+            assert row["error"] is None and row["forward_ms"] > 0 and row["forward_backward_tflops"] > 0, row
+        (summary_row,) = report["summaries"].values()
+        assert summary_row["speedup_vs_grouped_mm"] > 0 and summary_row["fraction_of_dense_tflops"] > 0
+
+    model = load("bench_model_182m.json")
+    assert model["settings"]["autocast"] == "bf16"
+    assert {row["experts"] for row in model["results"]} == {"eager", "grouped_mm"}
+    assert all(row["train_tokens_per_s"] > 0 for row in model["results"]), model["results"]

@@ -210,3 +210,32 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         sparse_moe_mlp(*make_inputs("random"), implementation="triton")
+
+
+def assert_autocast_runs_the_explicit_bf16_op(implementation: str, inputs: tuple[torch.Tensor, ...], seed: int = 0):
+    """fp32 `inputs` under bf16 autocast give what the same op gives when fed bf16 operands by hand (gates stay fp32),
+    as F.linear would be fed: bitwise equal gradients (their cast back to fp32 is exact), and an output in fp32 that
+    differs only by the final rounding to bf16."""
+    device_type = inputs[0].device.type
+    generator = torch.Generator().manual_seed(seed)
+    grad_output = torch.randn(inputs[0].shape, generator=generator).bfloat16().to(inputs[0].device)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        output = sparse_moe_mlp(*leaves, implementation=implementation)
+    assert output.dtype == torch.float32
+    grads = torch.autograd.grad(output, leaves, grad_output.float())
+    explicit_leaves = [
+        t.detach().to(torch.bfloat16 if i != 1 else t.dtype).requires_grad_() for i, t in enumerate(inputs)
+    ]
+    explicit = sparse_moe_mlp(*explicit_leaves, implementation=implementation)
+    explicit_grads = torch.autograd.grad(explicit, explicit_leaves, grad_output)
+    names = ("hidden_states", "gates", "gate_up_proj", "down_proj")
+    for name, grad, explicit_grad in zip(names, grads, explicit_grads, strict=True):
+        assert grad.dtype == torch.float32 and torch.equal(grad.to(explicit_grad.dtype), explicit_grad), name
+    torch.testing.assert_close(explicit.float(), output, rtol=2**-7, atol=1e-6 * output.abs().max().item())
+
+
+def test_grouped_mm_under_autocast_computes_in_the_autocast_dtype():
+    """`grouped_mm` has no autocast rule: under bf16 autocast its operands are cast as F.linear would cast them (it
+    computed in fp32 before)."""
+    assert_autocast_runs_the_explicit_bf16_op("grouped_mm", make_inputs("random", seed=5), seed=5)
