@@ -291,7 +291,7 @@ def _analysis(folder: Path) -> tuple[Rows, list[dict[str, str]]]:
         rows.append(("Correlation of log token frequency with experts per token", format_number(float(correlation))))
     if summary.dead_experts:
         dead = ", ".join(str(len(experts)) for experts in summary.dead_experts)
-        rows.append(("Experts that received no token (per layer)", dead))
+        rows.append(("Dead experts: under 1/64 of a balanced load (per layer)", dead))
     figures = [
         {"file": f"{ANALYSIS_DIR}/{path.name}", "title": path.stem.replace("_", " ")}
         for path in sorted((folder / ANALYSIS_DIR).glob("*.png"))

@@ -237,6 +237,7 @@ class RoutingAnalysis(_Record):
     layer with its sparsity, load and `dead_experts`), and the names of the figures written next to it."""
 
     FILENAME: ClassVar[str] = "routing_analysis.json"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("dead_expert_threshold", "top_tokens", "routing_stability")
 
     router_type: str | None = None
     num_experts: int | None = None
@@ -247,6 +248,12 @@ class RoutingAnalysis(_Record):
     experts_per_token: float | None = None
     layers: list[dict[str, Any]] | None = None
     frequency_correlation: dict[str, Any] | None = None
+    # What `dead_experts` means (`fraction_of_balanced_load`, `description`); absent in files written before it.
+    dead_expert_threshold: dict[str, Any] | None = None
+    # `layer` (an MoE layer index) and, per expert, its most frequent tokens (`token_id`, `token`, `count`, ...).
+    top_tokens: dict[str, Any] | None = None
+    # Against `compare_to`: `flip_rate` (overall) and `flip_rate_per_layer` of the (token, layer) routing decisions.
+    routing_stability: dict[str, Any] | None = None
     figures: list[str] | None = None
 
     @property
@@ -256,7 +263,7 @@ class RoutingAnalysis(_Record):
 
     @property
     def dead_experts(self) -> list[list[int]]:
-        """Per layer, the experts that received no token."""
+        """Per layer, the dead experts: under 1/64 of the tokens a perfectly balanced expert would get."""
         return [layer.get("dead_experts") or [] for layer in self.layers or [] if isinstance(layer, dict)]
 
 
