@@ -1,10 +1,12 @@
 """Branch-Train-MiX end to end at toy scale on the embedded corpus (a few CPU minutes).
 
 seed (dense) -> three domain experts (code, docs, math; equal steps) -> mix with the seed as a generalist expert
-(ReLU with random and centroid routers, TopK-2) -> MoE finetune on all domains; against the seed, each expert, sparse
-upcycling of the seed (ReLU and TopK-2) and a dense model trained on all data, both with the same training tokens as
-BTX after the seed (3 x branch steps + finetune steps). Every model is evaluated on the same validation blocks of each
-domain, with the MoEs' routing shares per domain.
+(ReLU with random and centroid routers; BTX's TopK-2 router SoftMax(TopK(Wx)), renormalised, and for comparison the
+un-renormalised TopK-2 of the ReMoE paper's baseline; BTX's sample top-1) -> MoE finetune on all domains; against the
+seed, each expert, the BTM baseline (the experts and the seed as a top-2 ensemble weighted by their domain posterior,
+no training), sparse upcycling of the seed (ReLU and TopK-2) and a dense model trained on all data, both with the same
+training tokens as BTX after the seed (3 x branch steps + finetune steps). Every model is evaluated on the same
+validation blocks of each domain, with the MoEs' routing shares per domain.
 
     python examples/btx_tiny.py [--work_dir outputs/btx-tiny] [--seed_steps 200 --branch_steps 100 --finetune_steps 100]
 
@@ -23,7 +25,7 @@ import remoe_cli
 import torch
 import yaml
 
-from remoe.training.btx import evaluate_domains, loss_table, routing_table
+from remoe.training.btx import evaluate_btm, evaluate_domains, loss_table, routing_table
 
 RUN = {
     "model": {
@@ -99,12 +101,15 @@ def main() -> None:
     timed("branch", "btx", "branch", work / "seed", *branch_args, *steps, args.branch_steps)
 
     mixes = {
-        "btx-relu": ("--router_type", "relu"),
-        "btx-relu-centroid": ("--router_type", "relu", "--router_init", "centroid"),
-        "btx-topk2": ("--router_type", "topk"),
+        "btx-relu": ("--router_type", "relu", "--num_experts_per_tok", 2),
+        "btx-relu-centroid": ("--router_type", "relu", "--num_experts_per_tok", 2, "--router_init", "centroid"),
+        # BTX's router SoftMax(TopK(Wx)): renormalised over the kept experts (the default of --router_type topk)
+        "btx-topk2": ("--router_type", "topk", "--num_experts_per_tok", 2),
+        "btx-topk2-unnormalised": ("--router_type", "topk", "--num_experts_per_tok", 2, "--no_router_renormalize"),
+        "btx-sample-top1": ("--router_type", "topk", "--num_experts_per_tok", 1, "--router_sampling"),
     }
     for name, flags in mixes.items():
-        mix_args = ("--seed_as_expert", "--num_experts_per_tok", 2, *flags, "--output_dir", work / f"mix-{name}")
+        mix_args = ("--seed_as_expert", *flags, "--output_dir", work / f"mix-{name}")
         timed(f"mix {name}", "btx", "mix", work / "branch", *mix_args)
         finetune_args = ("--output_dir", work / name, *steps, args.finetune_steps)
         timed(f"finetune {name}", "btx", "finetune", work / f"mix-{name}", *finetune_args)
@@ -125,18 +130,24 @@ def main() -> None:
         "dense (data-matched)": work / "dense",
         "upcycle-relu (data-matched)": work / "upcycle-relu",
         "upcycle-topk2 (data-matched)": work / "upcycle-topk2",
-        "btx-relu mix (no finetune)": work / "mix-btx-relu",
-        "btx-relu-centroid mix (no finetune)": work / "mix-btx-relu-centroid",
-        "btx-topk2 mix (no finetune)": work / "mix-btx-topk2",
+        **{f"{name} mix (no finetune)": work / f"mix-{name}" for name in mixes},
         **{name: work / name for name in mixes},
     }
     block_size, max_blocks = RUN["data"]["block_size"], RUN["data"]["max_eval_blocks"]
     results = {
         name: evaluate_domains(path, block_size=block_size, max_eval_blocks=max_blocks) for name, path in models.items()
     }
+    start = time.perf_counter()
+    for prior in ("uniform", "cached"):  # BTM: the 3 experts + the seed, top-2 by domain posterior
+        btm = evaluate_btm(
+            work / "branch", seed_as_expert=True, prior=prior, block_size=block_size, max_eval_blocks=max_blocks
+        )
+        results[f"btm-top2 ({prior} prior)"] = btm
+    timings["eval btm (2 priors)"] = round(time.perf_counter() - start, 1)
     print(f"\nValidation loss per domain ({max_blocks} blocks of {block_size} tokens each):\n")
     print(loss_table(results))
-    for name in ("btx-relu", "btx-relu-centroid", "btx-topk2", "btx-relu-centroid mix (no finetune)"):
+    shown = ("btx-relu-centroid", "btx-topk2", "btx-sample-top1", "btm-top2 (uniform prior)", "btm-top2 (cached prior)")
+    for name in (*shown, "btx-relu-centroid mix (no finetune)"):
         print(f"\nRouting shares of {name} (share of each domain's routed token-expert pairs, mean over layers):\n")
         print(routing_table(results[name]))
     report = {
@@ -146,6 +157,11 @@ def main() -> None:
         "matched_steps": matched,
         "tokens_per_step": RUN["training"]["per_device_train_batch_size"] * block_size,
         "seconds": timings,
+        "train_seconds": {  # the Trainer's own time of every training run (metrics.json), without start-up and eval
+            name: json.loads((path / "metrics.json").read_text())["train_seconds"]
+            for name, path in models.items()
+            if (path / "metrics.json").is_file()
+        },
         "results": results,
     }
     Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)

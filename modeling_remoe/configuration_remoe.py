@@ -9,6 +9,7 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_TYPES = ("relu", "topk", "dense")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
+AUX_LOSS_REDUCTIONS = ("sum", "mean")
 
 
 # Transformers' parallel plans, by module kind. The experts follow Mixtral's layout and contract, so they are sharded as
@@ -59,7 +60,15 @@ class ReMoEConfig(PreTrainedConfig):
         load_balance (`str`, defaults to `"refined_l1"`): `"refined_l1"` (load-balanced L1) or `"l1"` (plain L1).
         router_aux_loss_coef (`float`, defaults to 0.01): weight of the Switch load-balancing loss (TopK only).
         router_renormalize (`bool`, defaults to `False`): TopK only: divide the k kept softmax probabilities by their
-            sum (Mixtral, Qwen3-MoE `norm_topk_prob`); ReMoE's TopK baseline keeps them as they are (Megatron).
+            sum (BTX's router `SoftMax(TopK(Wx))`, Mixtral, Qwen3-MoE `norm_topk_prob`); ReMoE's TopK baseline keeps
+            them as they are (Megatron).
+        router_aux_loss_reduction (`str`, defaults to `"sum"`): how the Switch balancing loss combines the MoE layers:
+            `"sum"` (Megatron and the ReMoE paper: `coef * aux_l` added for every layer) or `"mean"`.
+        router_sampling (`bool`, defaults to `False`): TopK only: in training, sample the k experts from the router's
+            softmax (Gumbel-max, straight-through gates; BTX's "sample top-1"); inference keeps the top-k.
+        scaled_output_init (`bool`, defaults to `False`): initialise the output projections (attention `o_proj`,
+            dense and expert `down_proj`) at `initializer_range / sqrt(2 * num_hidden_layers)` (Megatron's scaled
+            init, the ReMoE paper's recipe) instead of `initializer_range`.
         experts_implementation (`str`, *optional*): one of Transformers' experts implementations (`"eager"`,
             `"batched_mm"`, `"grouped_mm"`, ...) or `"triton"` (the project's kernels); default: `"grouped_mm"` where
             it runs, else `"eager"`. Transformers keeps it in `config._experts_implementation`.
@@ -111,6 +120,9 @@ class ReMoEConfig(PreTrainedConfig):
     load_balance: str = "refined_l1"
     router_aux_loss_coef: float = 0.01
     router_renormalize: bool = False
+    router_aux_loss_reduction: str = "sum"
+    router_sampling: bool = False
+    scaled_output_init: bool = False
     output_router_logits: bool = False
 
     def __post_init__(self, **kwargs):
@@ -172,8 +184,13 @@ class ReMoEConfig(PreTrainedConfig):
                 f"`granularity` must be >= 1 and divide intermediate_size={self.intermediate_size}, "
                 f"got {self.granularity}"
             )
-        if self.router_renormalize and self.router_type != "topk":
-            raise ValueError(f"`router_renormalize` applies to router_type='topk' only, got {self.router_type!r}")
+        for name in ("router_renormalize", "router_sampling"):
+            if getattr(self, name) and self.router_type != "topk":
+                raise ValueError(f"`{name}` applies to router_type='topk' only, got {self.router_type!r}")
+        if self.router_aux_loss_reduction not in AUX_LOSS_REDUCTIONS:
+            raise ValueError(
+                f"`router_aux_loss_reduction` must be one of {AUX_LOSS_REDUCTIONS}, got {self.router_aux_loss_reduction!r}"
+            )
         if self.moe_layer_freq < 1:
             raise ValueError(f"`moe_layer_freq` must be >= 1, got {self.moe_layer_freq}")
         if self.has_experts and self.moe_layer_freq > self.num_hidden_layers:

@@ -6,6 +6,7 @@ The experts run through Transformers' experts implementations (`eager`, `batched
 """
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 
@@ -153,6 +154,7 @@ class ReMoEAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj.writes_residual = True  # for `scaled_output_init`
 
     def forward(
         self,
@@ -198,6 +200,7 @@ class ReMoEMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.writes_residual = True  # for `scaled_output_init`
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -213,6 +216,7 @@ class ReMoERouter(nn.Module):
         self.router_type = config.router_type
         self.top_k = config.routed_top_k
         self.renormalize = config.router_renormalize
+        self.sampling = config.router_sampling
         self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +225,18 @@ class ReMoERouter(nn.Module):
         if self.router_type == "relu":
             return router_logits, F.relu(router_logits)
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_values, top_indices = torch.topk(probs, self.top_k, dim=-1)
-        if self.renormalize:
-            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+        if self.sampling and self.training:
+            # Gumbel-top-k: k experts drawn from the softmax without replacement; the gates are straight-through
+            # (forward: the kept probabilities, renormalised if asked; backward: as the unnormalised probabilities).
+            gumbel = -torch.empty_like(probs).exponential_().log()
+            top_indices = torch.topk(probs.log() + gumbel, self.top_k, dim=-1).indices
+            top_probs = probs.gather(1, top_indices)
+            kept = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.renormalize else top_probs
+            top_values = kept.detach() + top_probs - top_probs.detach()
+        else:
+            top_values, top_indices = torch.topk(probs, self.top_k, dim=-1)
+            if self.renormalize:
+                top_values = top_values / top_values.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_indices, top_values)
         return router_logits, gates.to(hidden_states.dtype)
 
@@ -361,20 +374,32 @@ class ReMoEL1Controller(nn.Module):
         return self
 
     def reset_statistics(self) -> None:
-        self.active_per_layer: torch.Tensor | None = None  # (L,) nonzero gates
         self.tokens_per_expert: torch.Tensor | None = None  # (L, E) tokens routed to each expert
         self.num_tokens: torch.Tensor | None = None  # () tokens seen by each layer
+        self.loss_sums: torch.Tensor | None = None  # (3,): sum of L_lm, sum of coef * L_aux, micro-batches with both
 
     @torch.no_grad()
-    def record(self, tokens_per_expert: torch.Tensor, num_tokens: int) -> None:
-        """Accumulate one micro-batch: `tokens_per_expert (L, E)` counts over `num_tokens` tokens."""
+    def record(
+        self,
+        tokens_per_expert: torch.Tensor,
+        num_tokens: int,
+        loss_lm: torch.Tensor | None = None,
+        loss_reg: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate one micro-batch: `tokens_per_expert (L, E)` counts over `num_tokens` tokens and, when the batch
+        has labels, its LM loss and its weighted regulariser (`lambda * L_reg`, or the TopK balancing term)."""
         counts = tokens_per_expert.to(torch.float64)
         tokens = torch.tensor(float(num_tokens), dtype=torch.float64, device=counts.device)
+        losses = torch.zeros(3, dtype=torch.float64, device=counts.device)
+        if loss_lm is not None and loss_reg is not None:
+            losses = torch.stack([loss_lm.detach().double(), loss_reg.detach().double(), losses.new_tensor(1.0)])
+            losses = losses.to(counts.device)
         if self.tokens_per_expert is None:
-            self.tokens_per_expert, self.num_tokens = counts, tokens
+            self.tokens_per_expert, self.num_tokens, self.loss_sums = counts, tokens, losses
         else:
             self.tokens_per_expert = self.tokens_per_expert + counts
             self.num_tokens = self.num_tokens + tokens
+            self.loss_sums = self.loss_sums + losses
 
     @torch.no_grad()
     def update(self, process_group=None, update_l1_coef: bool = True) -> dict[str, float]:
@@ -385,11 +410,11 @@ class ReMoEL1Controller(nn.Module):
                 return {}
             # Nothing routed on this rank this step: still join the reduction the other ranks are in.
             self.record(torch.zeros(self.num_moe_layers, self.num_experts, device=self.l1_coef.device), 0)
-        totals = torch.cat([self.tokens_per_expert.flatten(), self.num_tokens.view(1)])
+        totals = torch.cat([self.tokens_per_expert.flatten(), self.num_tokens.view(1), self.loss_sums])
         if distributed:
             torch.distributed.all_reduce(totals, group=process_group)
-        tokens_per_expert = totals[:-1].view_as(self.tokens_per_expert)
-        num_tokens = totals[-1]
+        tokens_per_expert = totals[:-4].view_as(self.tokens_per_expert)
+        num_tokens, (loss_lm_sum, loss_reg_sum, loss_count) = totals[-4], totals[-3:].tolist()
         self.reset_statistics()
         if num_tokens.item() == 0:
             return {}
@@ -402,26 +427,33 @@ class ReMoEL1Controller(nn.Module):
         load = tokens_per_expert / tokens_per_expert.mean(dim=1, keepdim=True).clamp_min(1e-12)
         metrics = {"remoe/sparsity": sparsity, "remoe/l1_coef": self.l1_coef.item()}
         metrics["remoe/experts_per_token"] = (1.0 - sparsity) * self.num_experts
+        if loss_count:
+            metrics["remoe/loss_lm"] = loss_lm_sum / loss_count
+            metrics["remoe/loss_reg"] = loss_reg_sum / loss_count
         for layer, (layer_value, layer_load) in enumerate(zip(sparsity_per_layer.tolist(), load.tolist(), strict=True)):
             metrics[f"remoe/sparsity/layer_{layer}"] = layer_value
             metrics[f"remoe/max_load/layer_{layer}"] = max(layer_load)
         return metrics
 
 
-def active_experts(router_logits: torch.Tensor, config: ReMoEConfig) -> torch.Tensor:
-    """Which experts each token uses, `(T, E)` booleans: the positive ReLU gates, or the top-k router logits.
+def active_experts(router_logits: torch.Tensor, config: ReMoEConfig, top_k: int | None = None) -> torch.Tensor:
+    """Which experts each token uses, `(T, E)` booleans: the positive ReLU gates, or the top-k router logits (`top_k`
+    defaults to the config's `k * G`).
 
     The one definition of routing behind every statistic: the controller's sparsity, evaluation, `remoe analyze`,
     BTX's domain shares and `remoe generate --show_routing`."""
     if config.router_type == "relu":
         return router_logits > 0
-    top_indices = torch.topk(router_logits, config.routed_top_k, dim=-1).indices
+    top_indices = torch.topk(router_logits, top_k or config.routed_top_k, dim=-1).indices
     return torch.zeros_like(router_logits, dtype=torch.bool).scatter_(-1, top_indices, True)
 
 
-def expert_token_counts(router_logits: tuple[torch.Tensor, ...], config: ReMoEConfig) -> torch.Tensor:
+def expert_token_counts(
+    router_logits: tuple[torch.Tensor, ...], config: ReMoEConfig, top_k: int | None = None
+) -> torch.Tensor:
     """Tokens routed to each expert, per MoE layer: `(L, E)` float32, no gradient."""
-    return torch.stack([active_experts(logits.detach(), config).sum(dim=0) for logits in router_logits]).float()
+    counts = [active_experts(logits.detach(), config, top_k).sum(dim=0) for logits in router_logits]
+    return torch.stack(counts).float()
 
 
 def layer_sparsity(tokens_per_expert: torch.Tensor, num_tokens: float | torch.Tensor) -> torch.Tensor:
@@ -447,8 +479,11 @@ def l1_regularization_loss(
     return torch.stack(losses).mean()
 
 
-def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch Transformer balancing loss `E * sum_e f_e P_e` (f normalised by k), averaged over layers."""
+def switch_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...], top_k: int, reduction: str = "mean"
+) -> torch.Tensor:
+    """Switch Transformer balancing loss `E * sum_e f_e P_e` (f normalised by k) of each layer, summed over the layers
+    (`reduction="sum"`, Megatron's convention) or averaged."""
     losses = []
     for logits in router_logits:
         probs = F.softmax(logits.float(), dim=-1)
@@ -459,7 +494,7 @@ def switch_load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: i
         counts = torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
         fraction = counts / (num_tokens * top_k)
         losses.append(num_experts * (fraction * probs.sum(dim=0) / num_tokens).sum())
-    return torch.stack(losses).mean()
+    return torch.stack(losses).sum() if reduction == "sum" else torch.stack(losses).mean()
 
 
 class ReMoEPreTrainedModel(PreTrainedModel):
@@ -484,9 +519,13 @@ class ReMoEPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
+        # Megatron's scaled init of the projections that write into the residual stream (`o_proj`, `down_proj`).
+        output_std = std / math.sqrt(2 * self.config.num_hidden_layers) if self.config.scaled_output_init else std
         if isinstance(module, ReMoEExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=output_std)
+        elif isinstance(module, nn.Linear) and getattr(module, "writes_residual", False):
+            init.normal_(module.weight, mean=0.0, std=output_std)
         elif isinstance(module, ReMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ReMoEL1Controller):
@@ -518,7 +557,8 @@ class ReMoEModel(ReMoEPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # No `padding_idx`: with pad = eos (GPT-2 style tokenizers) it would keep the end-of-text embedding at zero.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [ReMoEDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -590,7 +630,21 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         self.controller = ReMoEL1Controller(config) if config.has_experts else None
         # lambda is fp32 model state, also when the model is loaded in bf16 or fp16 (dense models have none).
         self._keep_in_fp32_modules_strict = ["controller"] if self.controller is not None else []
+        self.routed_top_k = config.routed_top_k
         self.post_init()
+
+    def set_routed_top_k(self, top_k: int | None = None) -> None:
+        """TopK routing: route every token to `top_k` experts from now on (None: back to the config's `k * G`), e.g.
+        the near-dense warmup the ReMoE paper compares with; the config and the saved model keep their k."""
+        if self.config.router_type != "topk":
+            raise ValueError(f"set_routed_top_k applies to router_type='topk' only, got {self.config.router_type!r}")
+        top_k = self.config.routed_top_k if top_k is None else top_k
+        if not 1 <= top_k <= self.config.num_routed_experts:
+            raise ValueError(f"top_k must be between 1 and {self.config.num_routed_experts}, got {top_k}")
+        self.routed_top_k = top_k
+        for module in self.modules():
+            if isinstance(module, (ReMoESparseMoeBlock, ReMoERouter)):
+                module.top_k = top_k
 
     def update_l1_coef(self, process_group=None) -> dict[str, float]:
         """Close the optimizer step: reduce the routing statistics, update lambda (ReLU routing), return metrics."""
@@ -648,10 +702,15 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
                 aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
                 coef = self.controller.l1_coef
             else:
-                aux_loss = switch_load_balancing_loss(router_logits, self.config.routed_top_k)
+                aux_loss = switch_load_balancing_loss(
+                    router_logits, self.routed_top_k, self.config.router_aux_loss_reduction
+                )
                 coef = self.config.router_aux_loss_coef
             if regularize:
-                self.controller.record(expert_token_counts(router_logits, self.config), router_logits[0].shape[0])
+                _check_router_gradients(router_logits, self)
+                weighted = None if loss is None else coef * aux_loss
+                counts = expert_token_counts(router_logits, self.config, self.routed_top_k)
+                self.controller.record(counts, router_logits[0].shape[0], loss, weighted)
             if loss is not None:
                 loss = loss + coef * aux_loss.to(loss.device)
 
@@ -664,6 +723,19 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits if output_router_logits else None,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+
+def _check_router_gradients(router_logits: tuple[torch.Tensor, ...], model: nn.Module) -> None:
+    """Reentrant gradient checkpointing recomputes the layers in backward, outside the graph that captured the router
+    logits: the regulariser (and the TopK balancing loss) would silently get no gradient."""
+    if router_logits and not router_logits[0].requires_grad:
+        routers = [module.weight for module in model.modules() if isinstance(module, ReMoERouter)]
+        if any(weight.requires_grad for weight in routers):
+            raise ValueError(
+                "the router logits carry no gradient, so the ReMoE regulariser / balancing loss would not train the "
+                "router: gradient checkpointing with use_reentrant=True is not supported; use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default)"
+            )
 
 
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:

@@ -1,6 +1,8 @@
 """`remoe btx branch|mix|finetune|eval`, `remoe upcycle`, `remoe convert` on the command line (tiny models, tiny data)."""
 
 import json
+import math
+import re
 
 import pytest
 import remoe_cli
@@ -151,6 +153,18 @@ def test_branch_mix_finetune_eval(workspace, tmp_path, capsys):
     assert results["finetuned"]["losses"]["code"] == pytest.approx(metrics["validation_code_loss"], rel=0.02)
     assert results["expert-code"]["routing_shares"] == {}
 
+    # BTM: the branch's experts and seed as a top-2 ensemble, in the same table.
+    btm_args = [*eval_args, "--max_eval_blocks", "4", "--btm", branch_dir, "--btm_seed_as_expert"]
+    assert run_cli([*btm_args, "--output_json", report]) == 0
+    printed = capsys.readouterr().out
+    assert "| btm-top2 |" in printed and "routing shares of btm-top2" in printed
+    btm = json.loads(report.read_text())["btm-top2"]
+    assert list(btm["members"]) == ["code", "math", "seed"] and btm["top_k"] == 2
+    for domain in ("code", "docs", "math"):
+        assert sum(btm["routing_shares"][domain].values()) == pytest.approx(1.0)
+        assert sum(btm["mean_weights"][domain].values()) == pytest.approx(1.0)
+        assert btm["experts_per_token"][domain] == 2
+
 
 def test_branch_dry_run_with_one_dataset_per_expert(workspace, tmp_path):
     data = workspace / "data"
@@ -190,6 +204,11 @@ def test_upcycle_and_convert_on_the_command_line(workspace, tmp_path):
         (["btx", "mix", "{seed}", "{other}"], "hidden_size"),
         (["btx", "mix", "{seed}", "{seed}", "--num_experts_per_tok", "3"], "num_experts_per_tok"),
         (["btx", "mix", "{seed}", "{seed}", "--router_init", "centroid"], "router_init"),
+        (["btx", "mix", "{seed}", "{seed}", "--router_renormalize"], "--router_renormalize"),
+        (["btx", "mix", "{seed}", "{seed}", "--router_sampling"], "--router_sampling"),
+        (["upcycle", "{seed}", "--num_experts", "2", "--router_sampling"], "--router_sampling"),
+        (["convert", "{mixtral}", "--router_renormalize"], "--router_renormalize"),
+        (["convert", "{seed}", "--router_renormalize"], "MoE sources only"),
         (["btx", "finetune", "{seed}"], "not 'remoe'"),
         (["upcycle", "{mixtral}", "--num_experts", "2"], "MoE"),
         (["convert", "{seed}", "--router_type", "relu"], "upcycle"),
@@ -208,3 +227,195 @@ def test_bad_input_fails_before_writing(workspace, tmp_path, capsys, argv, messa
     assert run_cli(argv) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def config_of(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_topk_routing_flags_of_mix_upcycle_convert(workspace, tmp_path):
+    seed = workspace / "seed"
+    mix = ["btx", "mix", seed, seed, "--router_type", "topk"]
+    assert run_cli([*mix, "--output_dir", tmp_path / "mix"]) == 0
+    assert config_of(tmp_path / "mix")["router_renormalize"] is True  # BTX's router by default
+    assert config_of(tmp_path / "mix")["router_sampling"] is False
+    assert run_cli([*mix, "--no_router_renormalize", "--output_dir", tmp_path / "old"]) == 0
+    assert config_of(tmp_path / "old")["router_renormalize"] is False
+    sample = [*mix, "--num_experts_per_tok", "1", "--router_sampling", "--output_dir", tmp_path / "sample"]
+    assert run_cli(sample) == 0
+    assert config_of(tmp_path / "sample")["router_sampling"] is True
+
+    upcycle = ["upcycle", seed, "--num_experts", "4", "--num_experts_per_tok", "2", "--router_type", "topk"]
+    assert run_cli([*upcycle, "--output_dir", tmp_path / "up"]) == 0
+    assert config_of(tmp_path / "up")["router_renormalize"] is True
+    assert run_cli([*upcycle, "--no_router_renormalize", "--output_dir", tmp_path / "up-old"]) == 0
+    assert config_of(tmp_path / "up-old")["router_renormalize"] is False
+
+    convert = ["convert", tmp_path / "up-old", "--router_type", "topk"]
+    assert run_cli([*convert, "--output_dir", tmp_path / "kept"]) == 0  # a ReMoE TopK source keeps its routing
+    assert config_of(tmp_path / "kept")["router_renormalize"] is False
+    assert run_cli([*convert, "--router_renormalize", "--router_sampling", "--output_dir", tmp_path / "set"]) == 0
+    assert config_of(tmp_path / "set")["router_renormalize"] is True
+    assert config_of(tmp_path / "set")["router_sampling"] is True
+
+
+def test_finetune_keeps_the_checkpoints_routing_unless_a_flag_is_given(workspace, tmp_path, capsys):
+    upcycle = ["upcycle", workspace / "seed", "--num_experts", "2", "--num_experts_per_tok", "2"]
+    assert run_cli([*upcycle, "--router_type", "topk", "--output_dir", tmp_path / "topk"]) == 0
+    finetune = ["btx", "finetune", tmp_path / "topk", "--config", workspace / "run.yaml", "--max_steps", "1"]
+    assert run_cli([*finetune, "--output_dir", tmp_path / "kept"]) == 0
+    assert config_of(tmp_path / "kept")["router_renormalize"] is True
+    assert config_of(tmp_path / "kept")["router_sampling"] is False
+    capsys.readouterr()
+    flags = ["--no_router_renormalize", "--router_sampling"]
+    assert run_cli([*finetune, *flags, "--output_dir", tmp_path / "changed"]) == 0
+    assert "--no_router_renormalize" in capsys.readouterr().out  # the printed `remoe train` command
+    assert config_of(tmp_path / "changed")["router_renormalize"] is False
+    assert config_of(tmp_path / "changed")["router_sampling"] is True
+
+    assert run_cli([*upcycle, "--output_dir", tmp_path / "relu"]) == 0
+    relu = ["btx", "finetune", tmp_path / "relu", "--config", workspace / "run.yaml", "--router_sampling"]
+    assert run_cli([*relu, "--output_dir", tmp_path / "bad"]) == 2
+    assert "--router_sampling applies to TopK models" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+# ---- BTM: the branch models as an ensemble ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_models(workspace):
+    """Three dense Llama models with the workspace's tokenizer and different weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "seed")
+    paths = []
+    for index in range(3):
+        torch.manual_seed(100 + index)
+        config = LlamaConfig(**TINY_ARCH, vocab_size=len(tokenizer), initializer_range=0.1 * (index + 1))
+        path = workspace / f"member{index}"
+        LlamaForCausalLM(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def reference_btm_losses(paths, data, block_size, max_blocks, prior, top_k) -> dict[str, float]:
+    """BTM by hand, in float64: the domain posterior from each model's likelihood of the prefix, top-k kept and
+    renormalised, the full next-token distributions mixed."""
+    from transformers import AutoTokenizer
+
+    from remoe.training.data import load_text_dataset, pack_dataset
+
+    tokenizer = AutoTokenizer.from_pretrained(paths[0])
+    validation = pack_dataset(load_text_dataset(str(data), seed=42)["validation"], tokenizer, block_size)
+    models = [AutoModelForCausalLM.from_pretrained(path).eval() for path in paths]
+    losses = {}
+    for domain in ("code", "docs", "math"):
+        rows = [row["input_ids"] for row in validation if row["domain"] == domain][:max_blocks]
+        nll, count = 0.0, 0
+        for ids in rows:
+            with torch.no_grad():
+                probs = [m(torch.tensor([ids])).logits[0].double().softmax(-1) for m in models]  # (T, V) each
+            for t in range(len(ids) - 1):  # predict ids[t + 1] from ids[: t + 1]
+                posterior = [
+                    prior[j] * math.prod(float(probs[j][s - 1, ids[s]]) for s in range(1, t + 1))
+                    for j in range(len(models))
+                ]
+                kept = sorted(range(len(models)), key=lambda j: -posterior[j])[:top_k]
+                total = sum(posterior[j] for j in kept)
+                mixed = sum(posterior[j] / total * probs[j][t] for j in kept)
+                nll -= math.log(float(mixed[ids[t + 1]]))
+                count += 1
+        losses[domain] = nll / count
+    return losses
+
+
+@pytest.mark.parametrize(("prior", "top_k"), [((0.5, 0.3, 0.2), 2), ((0.2, 0.3, 0.5), 1), ((1 / 3, 1 / 3, 1 / 3), 3)])
+def test_btm_ensemble_matches_a_hand_computed_reference(workspace, three_models, prior, top_k):
+    from remoe.training.btx import evaluate_btm
+
+    data, block_size, max_blocks = workspace / "data", 12, 2
+    result = evaluate_btm(
+        three_models, top_k=top_k, prior=prior, dataset=str(data), block_size=block_size, max_eval_blocks=max_blocks
+    )
+    reference = reference_btm_losses(three_models, data, block_size, max_blocks, prior, top_k)
+    for domain, loss in reference.items():
+        assert result["losses"][domain] == pytest.approx(loss, abs=1e-5), domain
+    assert result["model"] == f"btm-top{top_k}" and list(result["members"]) == ["member0", "member1", "member2"]
+
+
+def test_btm_mixture_with_every_model_is_the_bayesian_model_average():
+    """With all M models kept, the ensemble's likelihood of a block is the prior-weighted mean of the models'."""
+    from remoe.training.btx import btm_mixture
+
+    log_probs = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0)).log()  # (M, B, N)
+    log_prior = torch.tensor([0.2, 0.3, 0.5]).log()
+    mixture, log_weights = btm_mixture(log_probs, log_prior, top_k=3)
+    expected = (log_prior[:, None] + log_probs.sum(dim=-1)).logsumexp(dim=0)  # (B,)
+    torch.testing.assert_close(mixture.sum(dim=-1), expected)
+    torch.testing.assert_close(log_weights.exp().sum(dim=0), torch.ones(5, 7))
+    torch.testing.assert_close(log_weights[:, :, 0].exp(), torch.tensor([0.2, 0.3, 0.5])[:, None].expand(3, 5))
+    _, top1 = btm_mixture(log_probs, log_prior, top_k=1)
+    assert torch.isfinite(top1).sum(dim=0).eq(1).all()
+
+
+def test_btm_cached_prior_comes_from_held_out_blocks(workspace, three_models):
+    from remoe.training.btx import evaluate_btm
+
+    data = str(workspace / "data")
+    cached = evaluate_btm(three_models, prior="cached", prior_blocks=2, dataset=data, block_size=12, max_eval_blocks=2)
+    assert cached["model"] == "btm-top2-cached"
+    for domain, prior in cached["priors"].items():
+        assert sum(prior.values()) == pytest.approx(1.0), domain
+        explicit = evaluate_btm(
+            three_models, prior=list(prior.values()), dataset=data, block_size=12, max_eval_blocks=2
+        )
+        assert explicit["losses"][domain] == pytest.approx(cached["losses"][domain], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ([], "needs model folders and/or --btm"),
+        (["{m0}", "--btm_top_k", "2"], "--btm_top_k needs --btm"),
+        (["--btm", "{m0}"], "at least 2 models"),
+        (["--btm", "{m0}", "{m1}", "--btm_top_k", "3"], "top_k (--btm_top_k) must be an integer between 1 and"),
+        (["--btm", "{m0}", "{m1}", "--btm_seed_as_expert"], "--btm_seed_as_expert needs one `remoe btx branch`"),
+        (["--btm", "{m0}", "{m1}", "--btm_prior", "cached", "--max_eval_blocks", "1000"], "lower --max_eval_blocks"),
+        (["--btm", "{m0}", "{other}"], "another tokenizer"),
+    ],
+)
+def test_btm_bad_inputs_are_one_line(workspace, three_models, tmp_path, capsys, flags, message):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(**TINY_ARCH, vocab_size=300)).save_pretrained(other)
+    tokenizer = train_tokenizer(["a different corpus entirely"] * 20, vocab_size=280)
+    tokenizer.save_pretrained(other)
+    assert (
+        AutoTokenizer.from_pretrained(other).get_vocab() != AutoTokenizer.from_pretrained(three_models[0]).get_vocab()
+    )
+    paths = {"m0": three_models[0], "m1": three_models[1], "other": other}
+    argv = ["btx", "eval", *[flag.format(**paths) for flag in flags], "--dataset", workspace / "data"]
+    capsys.readouterr()
+    assert run_cli([*argv, "--block_size", "12"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the datasets progress bars
+    assert error.startswith("remoe btx: error:") and message in error, error
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"prior": "flat"}, "prior (--btm_prior) must be one of"),
+        ({"prior": [1.0, 2.0]}, "needs 3 finite weights > 0"),
+        ({"prior": [1.0, 0.0, 1.0]}, "needs 3 finite weights > 0"),
+        ({"top_k": 0}, "top_k (--btm_top_k)"),
+        ({"prior": "cached", "prior_blocks": 0}, "prior_blocks (--btm_prior_blocks)"),
+    ],
+)
+def test_btm_bad_options_in_python(three_models, keywords, message):
+    from remoe.training.btx import evaluate_btm
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        evaluate_btm(three_models, **keywords)

@@ -7,7 +7,7 @@ import pytest
 import remoe_cli
 
 from remoe.configuration import available_presets
-from remoe.configuration_remoe import LOAD_BALANCE_TYPES, ROUTER_TYPES
+from remoe.configuration_remoe import AUX_LOSS_REDUCTIONS, LOAD_BALANCE_TYPES, ROUTER_TYPES
 from remoe.conversion import MIX_ROUTER_TYPES, ROUTER_INITS, SHARED_MODES, UPCYCLE_MODES
 from remoe.training.generate import DTYPES
 
@@ -15,6 +15,7 @@ from remoe.training.generate import DTYPES
 def test_the_command_line_vocabularies_are_the_projects():
     assert remoe_cli.ROUTER_TYPES == ROUTER_TYPES
     assert remoe_cli.LOAD_BALANCE_TYPES == LOAD_BALANCE_TYPES
+    assert remoe_cli.AUX_LOSS_REDUCTIONS == AUX_LOSS_REDUCTIONS
     assert remoe_cli.MIX_ROUTER_TYPES == MIX_ROUTER_TYPES
     assert remoe_cli.SHARED_MODES == SHARED_MODES
     assert remoe_cli.ROUTER_INITS == ROUTER_INITS

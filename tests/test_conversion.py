@@ -372,3 +372,108 @@ def test_parse_size():
     assert conversion.parse_size(123) == 123
     with pytest.raises(ValueError, match="max_shard_size"):
         conversion.parse_size("lots")
+
+
+# ---- BTX's router: SoftMax(TopK(Wx)), renormalised over the kept experts ---------------------------------------------
+
+
+def top2_gate_sums(model) -> torch.Tensor:
+    """The sum of every token's gates in the first MoE layer."""
+    sums = []
+    hook = model.model.layers[0].mlp.router.register_forward_hook(lambda m, a, out: sums.append(out[1].sum(-1)))
+    logits(model)
+    hook.remove()
+    return sums[0]
+
+
+def test_mix_of_identical_sources_with_renormalised_top2_is_the_source(tmp_path):
+    source = randomize_ffns(llama())
+    paths = []
+    for index in range(3):
+        source.save_pretrained(tmp_path / f"same{index}")
+        paths.append(tmp_path / f"same{index}")
+    mixed = load(conversion.btx_mix(paths, tmp_path / "mixed", router_type="topk", num_experts_per_tok=2))
+    assert mixed.config.router_renormalize and not mixed.config.router_sampling  # the default for BTX
+    torch.testing.assert_close(top2_gate_sums(mixed), torch.ones(24), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(mixed), logits(source), rtol=0, atol=1e-5)
+
+    # --no_router_renormalize: the old behaviour, softmax values of the top 2 of 3 (summing to less than 1).
+    old = load(conversion.btx_mix(paths, tmp_path / "old", router_type="topk", router_renormalize=False))
+    assert not old.config.router_renormalize
+    assert (top2_gate_sums(old) < 0.99).all()
+    assert (logits(old) - logits(source)).abs().max() > 1e-3
+
+
+def test_upcycled_copies_with_renormalised_topk_equal_the_dense_source_at_init(tmp_path):
+    dense = randomize_ffns(llama())
+    dense.save_pretrained(tmp_path / "dense")
+    upcycled = load(
+        conversion.upcycle(
+            tmp_path / "dense", tmp_path / "up", num_experts=4, num_experts_per_tok=2, router_type="topk"
+        )
+    )
+    assert upcycled.config.router_renormalize
+    torch.testing.assert_close(logits(upcycled), logits(dense), rtol=0, atol=1e-5)
+    old = load(
+        conversion.upcycle(
+            tmp_path / "dense",
+            tmp_path / "old",
+            num_experts=4,
+            num_experts_per_tok=2,
+            router_type="topk",
+            router_renormalize=False,
+        )
+    )
+    assert (logits(old) - logits(dense)).abs().max() > 1e-3
+    sampled = load(
+        conversion.upcycle(
+            tmp_path / "dense", tmp_path / "sampled", num_experts=4, router_type="topk", router_sampling=True
+        )
+    )
+    assert sampled.config.router_sampling and sampled.config.router_renormalize
+    torch.testing.assert_close(logits(sampled), logits(dense), rtol=0, atol=1e-5)  # inference: deterministic top-1
+
+
+def test_convert_topk_routing_defaults_and_overrides(tmp_path, make_config):
+    mixtral(num_experts=4, top_k=2).save_pretrained(tmp_path / "mixtral")
+    assert load(conversion.convert(tmp_path / "mixtral", tmp_path / "a", router_type="topk")).config.router_renormalize
+    plain = conversion.convert(tmp_path / "mixtral", tmp_path / "b", router_type="topk", router_renormalize=False)
+    assert not load(plain).config.router_renormalize
+    # A ReMoE TopK source keeps its own routing unless told otherwise.
+    kept = load(conversion.convert(plain, tmp_path / "c", router_type="topk"))
+    assert not kept.config.router_renormalize and not kept.config.router_sampling
+    sampled = load(conversion.convert(plain, tmp_path / "d", router_type="topk", router_sampling=True))
+    assert sampled.config.router_sampling and not sampled.config.router_renormalize
+    relu = remoe.ReMoEForCausalLM(make_config(router_type="relu")).eval()
+    relu.save_pretrained(tmp_path / "relu")
+    assert load(conversion.convert(tmp_path / "relu", tmp_path / "e", router_type="topk")).config.router_renormalize
+
+
+def test_topk_routing_options_are_checked(tmp_path):
+    llama().save_pretrained(tmp_path / "a")
+    llama().save_pretrained(tmp_path / "b")
+    mixtral(4, 2).save_pretrained(tmp_path / "moe")
+    out, pairs = tmp_path / "out", [tmp_path / "a", tmp_path / "b"]
+    cases = [
+        (lambda: conversion.btx_mix(pairs, out, router_type="relu", router_renormalize=True), "--router_renormalize"),
+        (lambda: conversion.btx_mix(pairs, out, router_type="relu", router_sampling=True), "--router_sampling"),
+        (lambda: conversion.btx_mix(pairs, out, router_type="topk", router_renormalize="yes"), "True or False"),
+        (lambda: conversion.upcycle(tmp_path / "a", out, num_experts=2, router_sampling=True), "'topk' only"),
+        (lambda: conversion.convert(tmp_path / "moe", out, router_renormalize=True), "--router_renormalize"),
+        (lambda: conversion.convert(tmp_path / "a", out, router_renormalize=True), "MoE sources only"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert not out.exists(), message
+
+
+def test_constant_top1_gates_are_warned_about(tmp_path, caplog):
+    llama().save_pretrained(tmp_path / "dense")
+    with caplog.at_level("WARNING"):
+        conversion.upcycle(tmp_path / "dense", tmp_path / "top1", num_experts=2, router_type="topk")
+    assert "every gate is 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        conversion.upcycle(tmp_path / "dense", tmp_path / "s1", num_experts=2, router_type="topk", router_sampling=True)
+    assert "every gate is 1" not in caplog.text

@@ -6,7 +6,8 @@
   (`remoe.conversion.btx_mix`).
 - `remoe btx finetune MIXED --output_dir OUT`: MoE finetuning on the union of the data (controller for ReLU, Switch
   load balancing for TopK), optionally with frozen experts.
-- `remoe btx eval MODEL...`: per-domain validation loss and per-domain routing shares, as a markdown table.
+- `remoe btx eval MODEL... [--btm BRANCH]`: per-domain validation loss and per-domain routing shares, as a markdown
+  table; `--btm` adds the Branch-Train-Merge baseline (`evaluate_btm`: the branch models as a top-k ensemble).
 
 `remoe upcycle` and `remoe convert` are in `remoe.training.convert`.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +28,7 @@ from remoe import conversion
 from remoe.checkpoints import check_checkpoint, load_any_model, load_tokenizer
 from remoe.modeling_remoe import expert_token_counts
 
-from .convert import CONTROLLER_OPTIONS, WRITER_OPTIONS, cli_options
+from .convert import CONTROLLER_OPTIONS, TOPK_ROUTING_OPTIONS, WRITER_OPTIONS, cli_options
 from .run_config import CONTINUATION_FLAGS, DATA_FLAGS, TRAINING_FLAGS, resolve_run
 
 BRANCH_FILE = "btx_branch.json"
@@ -50,6 +52,8 @@ def _job_command(job: dict[str, Any]) -> str:
     """The `remoe train` command line of a job dict."""
     words = ["remoe", "train"]
     for key, value in job.items():
+        if value is False and key in TOPK_ROUTING_OPTIONS:
+            words.append(f"--no_{key}")
         if value is None or value is False:
             continue
         words.append(f"--{key}")
@@ -70,8 +74,9 @@ def _check_train_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _validate_run_options(options: dict[str, Any]) -> None:
-    """The preset/config, data and training sections must be valid before any conversion or training starts."""
-    resolve_run({key: value for key, value in options.items() if key not in conversion.CONTROLLER_FIELDS})
+    """The preset/config, data and training sections must be valid before any conversion or training starts (the
+    model's routing settings are the checkpoint's, checked where they are applied)."""
+    resolve_run({key: value for key, value in options.items() if key not in CONTINUATION_FLAGS})
 
 
 def branch(
@@ -290,7 +295,8 @@ def finetune(
     """Continue a mixed (or upcycled / converted) MoE on the union of the domain data with `remoe train`.
 
     ReLU models train with the L1 controller, TopK models with the Switch load-balancing loss; `freeze_experts` trains
-    everything but the expert FFNs. Returns the metrics (also in OUTPUT_DIR/metrics.json).
+    everything but the expert FFNs. A TopK model keeps its `router_renormalize` and `router_sampling` unless
+    `train_options` sets them. Returns the metrics (also in OUTPUT_DIR/metrics.json).
     """
 
     from .train import train
@@ -299,6 +305,9 @@ def finetune(
     config = check_checkpoint(model_dir)
     if not config.has_experts:
         raise ValueError(f"{str(model_dir)!r} is a dense ReMoE; finetune an MoE made by `remoe btx mix` or `upcycle`")
+    for name in TOPK_ROUTING_OPTIONS:
+        if options.get(name) and config.router_type != "topk":
+            raise ValueError(f"--{name} applies to TopK models; {str(model_dir)!r} is {config.router_type!r}-routed")
     _validate_run_options(options)
     job = {**options, "model_name_or_path": str(model_dir), "output_dir": str(output_dir)}
     if domains:
@@ -330,6 +339,18 @@ def expert_groups(model_dir: str | Path, num_routed_experts: int) -> tuple[list[
     return [f"e{i}" for i in range(num_routed_experts)], [[i] for i in range(num_routed_experts)]
 
 
+def _domain_blocks(tokenizer, dataset: str, block_size: int, count: int, seed: int) -> dict[str, list[list[int]]]:
+    """The first `count` packed validation blocks of each domain (the blocks `remoe train` evaluates come first)."""
+    from .data import load_text_dataset, pack_dataset
+
+    validation = pack_dataset(load_text_dataset(dataset, seed=seed)["validation"], tokenizer, block_size)
+    blocks = {}
+    for domain in sorted(set(validation["domain"])):
+        subset = validation.filter(lambda row, d=domain: row["domain"] == d)
+        blocks[domain] = subset.select(range(min(count, len(subset))))["input_ids"]
+    return blocks
+
+
 @torch.no_grad()
 def evaluate_domains(
     model_dir: str | Path,
@@ -342,18 +363,13 @@ def evaluate_domains(
 ) -> dict[str, Any]:
     """Validation loss per domain (the first `max_eval_blocks` packed blocks of each, as `remoe train` evaluates) and,
     for MoE models, the share of each expert in each domain's routed (token, expert) pairs, averaged over layers."""
-    from .data import load_text_dataset, pack_dataset
-
     model = load_any_model(model_dir, dtype=torch.float32).eval()
-    tokenizer = load_tokenizer(model_dir)
-    validation = pack_dataset(load_text_dataset(dataset, seed=seed)["validation"], tokenizer, block_size)
+    validation = _domain_blocks(load_tokenizer(model_dir), dataset, block_size, max_eval_blocks, seed)
     config = model.config
     is_moe = getattr(config, "has_experts", False)  # a dense source may be a Llama-family model
     names, groups = expert_groups(model_dir, config.num_routed_experts) if is_moe else ([], [])
     results: dict[str, Any] = {"model": str(model_dir), "losses": {}, "routing_shares": {}, "experts_per_token": {}}
-    for domain in sorted(set(validation["domain"])):
-        subset = validation.filter(lambda row, d=domain: row["domain"] == d)
-        blocks = subset.select(range(min(max_eval_blocks, len(subset))))["input_ids"]
+    for domain, blocks in validation.items():
         loss_sum, counts, active_tokens = 0.0, None, 0
         for start in range(0, len(blocks), batch_size):
             batch = torch.tensor(blocks[start : start + batch_size])
@@ -372,6 +388,167 @@ def evaluate_domains(
                 name: float(shares[group].sum()) for name, group in zip(names, groups, strict=True)
             }
             results["experts_per_token"][domain] = float(counts.sum(dim=1).mean() / active_tokens)
+    results["losses"]["average"] = sum(results["losses"].values()) / len(results["losses"])
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Branch-Train-Merge baseline: the branch models as an ensemble
+# ----------------------------------------------------------------------------------------------------------------------
+
+BTM_PRIORS = ("uniform", "cached")
+
+
+def btm_mixture(
+    target_log_probs: torch.Tensor, log_prior: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BTM's ensemble at every position of every block.
+
+    `target_log_probs` (M, B, N): `log p_j(x_{t+1} | x_<=t)` of model j for the N = T - 1 predicted tokens of B
+    blocks; `log_prior` (M,): `log P(j)` (unnormalised is fine). The domain posterior for predicting `x_{t+1}` is
+    Bayes' rule over the models' likelihoods of the prefix, `P(j | x_<=t) ∝ P(j) prod_{s=1..t} p_j(x_s | x_<s)` (the
+    first token has no prediction and counts the same for every model). The `top_k` models of highest posterior are
+    kept (ties, e.g. the first position under a uniform prior, keep the lower index), their posteriors renormalised
+    to weights `w_j`, and the mixture is `p(x_{t+1}) = sum_j w_j p_j(x_{t+1} | x_<=t)`.
+
+    Returns (the mixture's log-probabilities of the targets (B, N), the log-weights (M, B, N), -inf where not kept).
+    """
+    prefix = torch.nn.functional.pad(target_log_probs.cumsum(dim=-1)[..., :-1], (1, 0))
+    log_posterior = log_prior.reshape(-1, 1, 1) + prefix
+    kept = log_posterior.sort(dim=0, descending=True, stable=True).indices[:top_k]
+    mask = torch.zeros_like(log_posterior, dtype=torch.bool).scatter_(0, kept, True)
+    log_weights = log_posterior.masked_fill(~mask, float("-inf")).log_softmax(dim=0)
+    return (log_weights + target_log_probs).logsumexp(dim=0), log_weights
+
+
+def _target_log_probs(model, blocks: list[list[int]], batch_size: int) -> torch.Tensor:
+    """`log p(x_{t+1} | x_<=t)` of every token of each block but the first: (blocks, T - 1), fp32."""
+    out = []
+    for start in range(0, len(blocks), batch_size):
+        batch = torch.tensor(blocks[start : start + batch_size])
+        log_probs = model(batch, use_cache=False).logits[:, :-1].float().log_softmax(dim=-1)
+        out.append(log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1))
+    return torch.cat(out)
+
+
+def _btm_members(members: Sequence[str | Path], seed_as_expert: bool) -> tuple[list[str], list[str]]:
+    """(model folders, names) of the ensemble: the given folders, or a branch folder's experts (and its seed)."""
+    paths, description = _branch_sources([str(member) for member in members])
+    jobs = [_source_job(path) for path in paths]
+    names = [job["name"] if job else Path(path).name for job, path in zip(jobs, paths, strict=True)]
+    if seed_as_expert:
+        if description is None:
+            raise ValueError("--btm_seed_as_expert needs one `remoe btx branch` folder for --btm (or list the seed)")
+        paths, names = [*paths, description["seed_remoe"]], [*names, "seed"]
+    if len(set(names)) < len(names):
+        names = [f"{index}-{name}" for index, name in enumerate(names)]
+    if len(paths) < 2:
+        raise ValueError(f"--btm needs at least 2 models (or a `remoe btx branch` folder), got {len(paths)}")
+    return paths, names
+
+
+def _log_prior(prior: str | Sequence[float], count: int) -> torch.Tensor | None:
+    """An explicit prior's log (normalised); None for "uniform" / "cached", which `evaluate_btm` computes."""
+    if isinstance(prior, str):
+        if prior not in BTM_PRIORS:
+            raise ValueError(f"prior (--btm_prior) must be one of {BTM_PRIORS} or {count} weights, got {prior!r}")
+        return None
+    weights = torch.tensor([float(w) for w in prior], dtype=torch.float64)
+    if len(weights) != count or not (torch.isfinite(weights).all() and (weights > 0).all()):
+        raise ValueError(f"prior (--btm_prior) needs {count} finite weights > 0 (one per model), got {list(prior)!r}")
+    return (weights / weights.sum()).log().float()
+
+
+@torch.no_grad()
+def evaluate_btm(
+    members: str | Path | Sequence[str | Path],
+    *,
+    top_k: int = 2,
+    prior: str | Sequence[float] = "uniform",
+    prior_blocks: int = 16,
+    seed_as_expert: bool = False,
+    dataset: str = "builtin",
+    block_size: int = 128,
+    max_eval_blocks: int = 64,
+    batch_size: int = 16,
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Per-domain validation loss of the Branch-Train-Merge baseline (Li et al. 2022): the branch models as an
+    ensemble, on the blocks `evaluate_domains` uses.
+
+    What is computed, per block and position t (`btm_mixture`): every member's probability of the next token; the
+    domain posterior `P(j | x_<=t) ∝ P(j) * p_j(x_1..x_t | x_0)` (Bayes' rule over the members' likelihoods of the
+    block's prefix: BTM's domain posterior, with no trained classifier); the `top_k` members of highest posterior,
+    their posteriors renormalised; the loss is `-log sum_j w_j p_j(x_{t+1} | x_<=t)` (the next-token probabilities
+    mixed), averaged over the tokens of the domain. The prior `P(j)`: `"uniform"`; `"cached"` (BTM's cached prior):
+    per evaluated domain, the mean posterior given the whole block (from a uniform prior) over up to `prior_blocks`
+    held-out validation blocks of that domain (those after the evaluated ones; this uses the domain label of the
+    evaluated text, as BTM's per-domain prior does); or one explicit weight per member. Every member runs on every
+    token (the posterior needs all likelihoods); `top_k` limits the models mixed.
+
+    `members`: dense model folders sharing one tokenizer, or one `remoe btx branch` folder (its experts; with
+    `seed_as_expert` also its seed). Returns a dict shaped like `evaluate_domains`' (`losses`; `routing_shares`: the
+    share of each member among each domain's kept (token, member) pairs; `experts_per_token`: members mixed per
+    token) plus `members`, `top_k`, `prior`, `mean_weights` and `priors` (per domain).
+    """
+    if isinstance(members, (str, Path)):
+        members = [members]
+    paths, names = _btm_members(members, seed_as_expert)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(paths):
+        raise ValueError(
+            f"top_k (--btm_top_k) must be an integer between 1 and the number of models ({len(paths)}), got {top_k!r}"
+        )
+    explicit = _log_prior(prior, len(paths))
+    if prior == "cached" and (isinstance(prior_blocks, bool) or not isinstance(prior_blocks, int) or prior_blocks < 1):
+        raise ValueError(f"prior_blocks (--btm_prior_blocks) must be an integer >= 1, got {prior_blocks!r}")
+    tokenizer = load_tokenizer(paths[0])
+    for path in paths[1:]:
+        if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"--btm: {path!r} has another tokenizer than {paths[0]!r}; BTM ensembles share one")
+    held_out = prior_blocks if prior == "cached" else 0
+    blocks = _domain_blocks(tokenizer, dataset, block_size, max_eval_blocks + held_out, seed)
+    if held_out:
+        for domain, domain_blocks in blocks.items():
+            if len(domain_blocks) <= max_eval_blocks:
+                raise ValueError(
+                    f"--btm_prior cached: domain {domain!r} has no validation blocks beyond the {len(domain_blocks)} "
+                    "evaluated ones; lower --max_eval_blocks"
+                )
+    log_probs: dict[str, list[torch.Tensor]] = {domain: [] for domain in blocks}  # per domain, one (B, N) per member
+    for path in paths:  # one model in memory at a time
+        model = load_any_model(path, dtype=torch.float32).eval()
+        for domain, domain_blocks in blocks.items():
+            log_probs[domain].append(_target_log_probs(model, domain_blocks, batch_size))
+        del model
+    results: dict[str, Any] = {
+        "model": f"btm-top{top_k}" + (f"-{prior}" if isinstance(prior, str) and prior != "uniform" else ""),
+        "members": dict(zip(names, paths, strict=True)),
+        "top_k": top_k,
+        "prior": prior if isinstance(prior, str) else list(prior),
+        "losses": {},
+        "routing_shares": {},
+        "experts_per_token": {},
+        "mean_weights": {},
+        "priors": {},
+    }
+    for domain, per_member in log_probs.items():
+        stacked = torch.stack(per_member)  # (M, B, N)
+        evaluated = stacked[:, :max_eval_blocks]
+        if explicit is not None:
+            log_prior = explicit
+        elif held_out:
+            log_prior = stacked[:, max_eval_blocks:].sum(dim=-1).log_softmax(dim=0).exp().mean(dim=1).log()
+        else:
+            log_prior = torch.full((len(paths),), -math.log(len(paths)))
+        mixture, log_weights = btm_mixture(evaluated, log_prior, top_k)
+        weights, kept = log_weights.exp(), torch.isfinite(log_weights).flatten(1).double().sum(dim=1)
+        results["losses"][domain] = float(-mixture.double().mean())
+        results["routing_shares"][domain] = dict(zip(names, (kept / kept.sum()).tolist(), strict=True))
+        results["experts_per_token"][domain] = float(top_k)
+        results["mean_weights"][domain] = dict(
+            zip(names, weights.flatten(1).double().mean(dim=1).tolist(), strict=True)
+        )
+        results["priors"][domain] = dict(zip(names, log_prior.double().exp().tolist(), strict=True))
     results["losses"]["average"] = sum(results["losses"].values()) / len(results["losses"])
     return results
 
@@ -426,6 +603,7 @@ def run_mix(args: argparse.Namespace) -> None:
         "seed_as_expert",
         "router_type",
         "num_experts_per_tok",
+        *TOPK_ROUTING_OPTIONS,
         "shared",
         "split",
         "router_std",
@@ -456,11 +634,20 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    btm_options = cli_options(args, ("btm_top_k", "btm_prior", "btm_prior_blocks"))
+    if args.btm_seed_as_expert:
+        btm_options["btm_seed_as_expert"] = True
+    if not args.btm and btm_options:
+        raise ValueError(f"--{next(iter(btm_options))} needs --btm MODEL... (the ensemble's models)")
+    if not args.models and not args.btm:
+        raise ValueError("btx eval needs model folders and/or --btm MODEL... (a BTM ensemble)")
+    data = {"dataset": args.dataset, "block_size": args.block_size, "max_eval_blocks": args.max_eval_blocks}
     results = {}
     for model in args.models:
-        results[Path(model).name] = evaluate_domains(
-            model, dataset=args.dataset, block_size=args.block_size, max_eval_blocks=args.max_eval_blocks
-        )
+        results[Path(model).name] = evaluate_domains(model, **data)
+    if args.btm:
+        btm = evaluate_btm(args.btm, **{name[4:]: value for name, value in btm_options.items()}, **data)
+        results[btm["model"]] = btm
     print(loss_table(results))
     for name, result in results.items():
         if result["routing_shares"]:

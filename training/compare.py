@@ -22,10 +22,19 @@ from .trainer import last_complete_checkpoint
 
 ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
 Run = tuple[TrainingMetrics, list[dict]]  # one seed's metrics.json and log_history.json
+Setting = tuple[str, int, int]  # (router type, E, G)
 
 
-def _run_name(router_type: str, num_experts: int, seed: int) -> str:
-    return f"dense-seed{seed}" if router_type == "dense" else f"{router_type}-E{num_experts}-seed{seed}"
+def _run_name(router_type: str, num_experts: int, seed: int, granularity: int = 1) -> str:
+    if router_type == "dense":
+        return f"dense-seed{seed}"
+    return f"{router_type}-E{num_experts}{f'-G{granularity}' if granularity > 1 else ''}-seed{seed}"
+
+
+def _label(router_type: str, num_experts: int, granularity: int) -> str:
+    if router_type == "dense":
+        return router_type
+    return f"{router_type} E={num_experts}" + (f" G={granularity}" if granularity > 1 else "")
 
 
 def compare(
@@ -35,40 +44,51 @@ def compare(
     seeds: tuple[int, ...] = (0, 1, 2),
     output_dir: str = "outputs/compare",
     train_options: dict | None = None,
+    granularities: tuple[int, ...] = (1,),
 ) -> dict:
-    """Train every (router type, E, seed) once (runs with a `metrics.json` are reused) and tabulate the results."""
-    if not seeds or not router_types or not num_experts:
-        raise ValueError("--seeds, --router_types and --num_experts each need at least one value")
+    """Train every (router type, E, G, seed) once (runs with a `metrics.json` are reused) and tabulate the results.
+
+    Several `num_experts` give the expert-count scaling curve, several `granularities` the fine-grained one (the
+    paper's G = 1..64 at E = 8: E*G experts of width I/G, TopK routing k*G of them)."""
+    if not seeds or not router_types or not num_experts or not granularities:
+        raise ValueError("--seeds, --router_types, --num_experts and --granularities each need at least one value")
     unknown = sorted(set(router_types) - set(ROUTER_TYPES))
     if unknown:
         raise ValueError(f"--router_types must be among {list(ROUTER_TYPES)}, got {unknown}")
     output = Path(output_dir)
     planned = []
-    for router_type in router_types:
-        for experts in num_experts if router_type != "dense" else num_experts[:1]:
-            for seed in seeds:
-                run_dir = output / _run_name(router_type, experts, seed)
-                options = {**(train_options or {}), "router_type": router_type, "seed": seed}
-                if not options.get("config"):
-                    options["preset"] = preset
-                options.update(num_experts=experts, output_dir=str(run_dir))
-                expected = resolve_run(options)  # every configuration is checked before the first run trains
-                expected["training"].setdefault("seed", seed)
-                if run_dir.is_dir() and any(run_dir.iterdir()):
-                    _check_reusable(run_dir, expected)
-                    # An interrupted run of the same configuration: continue it, or start it again.
-                    if last_complete_checkpoint(run_dir):
-                        options["resume_from_checkpoint"] = True
-                    else:
-                        options["overwrite"] = True
-                planned.append((router_type, experts, run_dir, options))
-    runs: dict[tuple[str, int], list[Run]] = {}
-    for router_type, experts, run_dir, options in planned:
+    settings = [
+        (router_type, experts, granularity)
+        for router_type in router_types
+        for experts in (num_experts if router_type != "dense" else num_experts[:1])
+        for granularity in (granularities if router_type != "dense" else (1,))
+    ]
+    for router_type, experts, granularity in settings:
+        for seed in seeds:
+            run_dir = output / _run_name(router_type, experts, seed, granularity)
+            options = {**(train_options or {}), "router_type": router_type, "seed": seed}
+            if not options.get("config"):
+                options["preset"] = preset
+            options.update(num_experts=experts, output_dir=str(run_dir))
+            if granularity > 1:
+                options["granularity"] = granularity
+            expected = resolve_run(options)  # every configuration is checked before the first run trains
+            expected["training"].setdefault("seed", seed)
+            if run_dir.is_dir() and any(run_dir.iterdir()):
+                _check_reusable(run_dir, expected)
+                # An interrupted run of the same configuration: continue it, or start it again.
+                if last_complete_checkpoint(run_dir):
+                    options["resume_from_checkpoint"] = True
+                else:
+                    options["overwrite"] = True
+            planned.append(((router_type, experts, granularity), run_dir, options))
+    runs: dict[Setting, list[Run]] = {}
+    for setting, run_dir, options in planned:
         if not (run_dir / TrainingMetrics.FILENAME).exists():
             train(options)
         metrics = TrainingMetrics.load(run_dir)
         log_history = json.loads((run_dir / "log_history.json").read_text())
-        runs.setdefault((router_type, experts), []).append((metrics, log_history))
+        runs.setdefault(setting, []).append((metrics, log_history))
     summary = _summarize(runs)
     output.mkdir(parents=True, exist_ok=True)
     (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -76,7 +96,9 @@ def compare(
     (output / "compare.md").write_text(table + "\n")
     _plot_curves(runs, output / "compare_curves.png")
     if len(num_experts) > 1:
-        _plot_scaling(summary, output / "expert_scaling.png")
+        _plot_scaling(summary, output / "expert_scaling.png", "num_experts")
+    if len(granularities) > 1:
+        _plot_scaling(summary, output / "granularity_scaling.png", "granularity")
     print(table)
     return summary
 
@@ -106,11 +128,12 @@ def _mean_spread(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values)}
 
 
-def _summarize(runs: dict[tuple[str, int], list[Run]]) -> dict:
+def _summarize(runs: dict[Setting, list[Run]]) -> dict:
     rows = []
-    for (router_type, experts), seeded in runs.items():
+    for (router_type, experts, granularity), seeded in runs.items():
         metrics = [m for m, _ in seeded]
         row = {"router_type": router_type, "num_experts": None if router_type == "dense" else experts}
+        row["granularity"] = None if router_type == "dense" else granularity
         row["seeds"] = [m.seed for m in metrics]
         row["active_parameters"] = metrics[0].active_parameters
         row["total_parameters"] = metrics[0].total_parameters
@@ -141,6 +164,8 @@ def _markdown_table(summary: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["runs"]:
+        granularity = row.get("granularity") or 1
+        model = row["router_type"] + (f" G={granularity}" if granularity > 1 else "")
         loss = row["validation_loss"]
         sparsity = f"{row['validation_sparsity']['mean']:.3f}" if "validation_sparsity" in row else "-"
         domains = [
@@ -148,7 +173,7 @@ def _markdown_table(summary: dict) -> str:
             for d in ("code", "docs", "math")
         ]
         lines.append(
-            f"| {row['router_type']} | {row['num_experts'] or '-'} | "
+            f"| {model} | {row['num_experts'] or '-'} | "
             f"{row['active_parameters'] / 1e6:.2f}M / {row['total_parameters'] / 1e6:.2f}M | "
             f"{_mean_and_spread(loss, len(row['seeds']))} | {' | '.join(domains)} | {sparsity} | "
             f"{row['tokens_per_second']['mean']:.0f} |"
@@ -163,14 +188,14 @@ def _shade(color: str, index: int, count: int) -> tuple[float, float, float]:
     return tuple(channel + (1 - channel) * mix for channel in (red, green, blue))
 
 
-def _plot_curves(runs: dict[tuple[str, int], list[Run]], path: Path) -> None:
+def _plot_curves(runs: dict[Setting, list[Run]], path: Path) -> None:
     fig, (loss_axis, sparsity_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    expert_counts = {router_type: sorted(e for r, e in runs if r == router_type) for router_type, _ in runs}
-    for (router_type, experts), seeded in runs.items():
-        label = router_type if router_type == "dense" else f"{router_type} E={experts}"
-        color = _shade(
-            ROUTER_COLORS[router_type], expert_counts[router_type].index(experts), len(expert_counts[router_type])
-        )
+    # One shade of the router type's colour per (E, G) setting of that router type.
+    variants = {router_type: sorted((e, g) for r, e, g in runs if r == router_type) for router_type, _, _ in runs}
+    for (router_type, experts, granularity), seeded in runs.items():
+        label = _label(router_type, experts, granularity)
+        shades = variants[router_type]
+        color = _shade(ROUTER_COLORS[router_type], shades.index((experts, granularity)), len(shades))
         for index, (_, log_history) in enumerate(seeded):
             entries = [entry for entry in log_history if "loss" in entry]
             steps = [entry["step"] for entry in entries]
@@ -196,25 +221,37 @@ def _plot_curves(runs: dict[tuple[str, int], list[Run]], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_scaling(summary: dict, path: Path) -> None:
+def _plot_scaling(summary: dict, path: Path, axis_key: str) -> None:
+    """Validation loss against `axis_key` ("num_experts" or "granularity"), one line per router type and setting of
+    the other key."""
+    other_key = "granularity" if axis_key == "num_experts" else "num_experts"
     fig, axis = plt.subplots(figsize=(6, 3.5))
     for router_type in (name for name in ROUTER_TYPES if name != "dense"):
-        rows = sorted((r for r in summary["runs"] if r["router_type"] == router_type), key=lambda r: r["num_experts"])
-        if rows:
+        routed = [r for r in summary["runs"] if r["router_type"] == router_type]
+        for other in sorted({r.get(other_key) or 1 for r in routed}):
+            rows = sorted((r for r in routed if (r.get(other_key) or 1) == other), key=lambda r: r[axis_key])
+            label = (
+                router_type
+                if len({r.get(other_key) or 1 for r in routed}) == 1
+                else f"{router_type} {other_key}={other}"
+            )
             axis.errorbar(
-                [r["num_experts"] for r in rows],
+                [r[axis_key] for r in rows],
                 [r["validation_loss"]["mean"] for r in rows],
                 yerr=[r["validation_loss"]["std"] for r in rows],
                 marker="o",
                 capsize=3,
                 color=ROUTER_COLORS[router_type],
-                label=router_type,
+                label=label,
             )
     for row in summary["runs"]:
         if row["router_type"] == "dense":
             axis.axhline(row["validation_loss"]["mean"], color=ROUTER_COLORS["dense"], linestyle="--", label="dense")
     axis.set_xscale("log", base=2)
-    axis.set(xlabel="experts E", ylabel="validation loss", title="Expert-count scaling")
+    if axis_key == "num_experts":
+        axis.set(xlabel="experts E", ylabel="validation loss", title="Expert-count scaling")
+    else:
+        axis.set(xlabel="granularity G", ylabel="validation loss", title="Granularity scaling (E*G experts of I/G)")
     axis.grid(alpha=0.3)
     axis.legend()
     fig.tight_layout()
@@ -229,6 +266,7 @@ def run(args: argparse.Namespace) -> None:
         router_types=tuple(args.router_types),
         num_experts=tuple(args.num_experts),
         seeds=tuple(args.seeds),
+        granularities=tuple(args.granularities),
         output_dir=args.output_dir,
         train_options={key: value for key, value in options.items() if value is not None},
     )

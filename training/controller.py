@@ -20,7 +20,9 @@ class ReMoEControllerCallback(TrainerCallback):
     """Updates lambda exactly once per optimizer step (after gradient accumulation) and logs `remoe/*` metrics.
 
     The sparsity of a step is reduced over every MoE layer, every micro-batch and every data-parallel rank.
-    Logged values are averaged over the steps since the previous log, except `remoe/l1_coef` (the current lambda).
+    Logged values are averaged over the steps since the previous log, except `remoe/l1_coef` (the current lambda);
+    `remoe/loss_lm` and `remoe/loss_reg` are the LM loss and the weighted regulariser (`lambda * L_reg`, or the TopK
+    balancing term) apart, as in the paper's Fig. 4.
     `history` keeps one entry per optimizer step: `{"step", "remoe/sparsity", "remoe/l1_coef", ...}`.
     """
 
@@ -44,12 +46,34 @@ class ReMoEControllerCallback(TrainerCallback):
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kwargs):
         if not self._pending or logs is None or "loss" not in logs:
             return
-        averaged = {key: sum(m[key] for m in self._pending) / len(self._pending) for key in self._pending[-1]}
+        keys = dict.fromkeys(key for metrics in self._pending for key in metrics)
+        averaged = {}
+        for key in keys:  # a step without labels has no `remoe/loss_*`: average each key over the steps that have it
+            values = [metrics[key] for metrics in self._pending if key in metrics]
+            averaged[key] = sum(values) / len(values)
         averaged["remoe/l1_coef"] = self._pending[-1]["remoe/l1_coef"]
         self._pending.clear()
         logs.update(averaged)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(averaged)
+
+
+class TopKWarmupCallback(TrainerCallback):
+    """TopK's near-dense warmup: `top_k` experts per token for the first `steps` optimizer steps, then the config's k
+    (set at the start of every step from the global step, so a resumed run routes as the uninterrupted one)."""
+
+    def __init__(self, top_k: int, steps: int):
+        self.top_k, self.steps = top_k, steps
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs
+    ):
+        if model is not None:
+            _unwrap(model).set_routed_top_k(self.top_k if state.global_step < self.steps else None)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        if model is not None:
+            _unwrap(model).set_routed_top_k(None)
 
 
 def _without_per_layer_metrics(logs: dict | None) -> dict | None:

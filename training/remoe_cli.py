@@ -20,6 +20,7 @@ import sys
 # generate.DTYPES); tests/test_cli.py checks that the copies here agree with them.
 ROUTER_TYPES = ("relu", "topk", "dense")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
+AUX_LOSS_REDUCTIONS = ("sum", "mean")
 MIX_ROUTER_TYPES = ("relu", "topk")
 SHARED_MODES = ("average", "base")
 ROUTER_INITS = ("random", "centroid")
@@ -102,10 +103,26 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--num_experts_per_tok", type=positive_int, help="k: TopK's experts per token, ReMoE's target")
     parser.add_argument("--granularity", type=positive_int, help="fine-grained experts G (E*G experts of size I/G)")
     _add_controller_flags(parser)
+    parser.add_argument(
+        "--router_aux_loss_reduction",
+        choices=AUX_LOSS_REDUCTIONS,
+        help="TopK: the balancing loss summed over the MoE layers (default, as Megatron) or averaged",
+    )
+    _add_topk_routing_flags(parser, "off", "off")
     _add_training_flags(parser)
     parser.add_argument("--dataset", help="'builtin' (embedded corpus), a local file/folder, or a Hub dataset name")
     parser.add_argument("--domains", nargs="+", help="train and evaluate on these domains only (e.g. code math)")
     parser.add_argument("--freeze_experts", action="store_true", help="train everything but the expert FFNs")
+    parser.add_argument(
+        "--topk_warmup_k", type=positive_int, help="TopK: experts per token during a near-dense warmup (e.g. 6)"
+    )
+    parser.add_argument("--topk_warmup_steps", type=positive_int, help="TopK: optimizer steps of that warmup")
+    parser.add_argument(
+        "--model_dtype",
+        choices=DTYPES,
+        help="with --model_name_or_path: the dtype of the trained weights (default float32: fp32 master weights, "
+        "also from a bf16 checkpoint; auto: the checkpoint's)",
+    )
     parser.add_argument("--tokenizer", help="a tokenizer folder or Hub name (default: BPE trained on the corpus)")
     parser.add_argument("--vocab_size", type=_integer_at_least(258), help="vocabulary of the trained tokenizer")
     parser.add_argument("--streaming", action="store_true", default=None, help="pack --dataset on the fly (no cache)")
@@ -130,6 +147,9 @@ def add_compare_parser(subparsers) -> None:
     _add_run_source(parser)
     parser.add_argument("--router_types", nargs="+", choices=ROUTER_TYPES, default=["dense", "topk", "relu"])
     parser.add_argument("--num_experts", nargs="+", type=positive_int, default=[8], help="several: the scaling curve")
+    parser.add_argument(
+        "--granularities", nargs="+", type=positive_int, default=[1], help="several: the granularity curve (G)"
+    )
     parser.add_argument("--num_experts_per_tok", type=positive_int)
     parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2])
     parser.add_argument("--max_steps", type=positive_int)
@@ -145,6 +165,16 @@ def add_analyze_parser(subparsers) -> None:
     parser.add_argument("--max_blocks_per_domain", type=positive_int, default=32)
     parser.add_argument("--block_size", type=_integer_at_least(2), help="default: the model's context, at most 512")
     parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument(
+        "--compare_to",
+        metavar="CHECKPOINT_DIR",
+        help="a checkpoint of the same architecture: the flip rate of the routing decisions between the two",
+    )
+    parser.add_argument(
+        "--top_tokens_layer",
+        type=non_negative_int,
+        help="MoE layer whose experts' 10 most frequent tokens are listed (default: the middle MoE layer)",
+    )
     parser.set_defaults(handler="remoe.training.analysis:run")
 
 
@@ -237,6 +267,28 @@ def _add_writer_flags(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
 
 
+def _add_topk_routing_flags(parser, renormalize_default: str, sampling_default: str) -> None:
+    """--[no_]router_renormalize and --[no_]router_sampling (TopK only); None when not given."""
+    flags = (
+        (
+            "router_renormalize",
+            "renormalise the k kept softmax gates to sum 1 (BTX's SoftMax(TopK(Wx)))",
+            "keep the softmax values (the ReMoE paper's TopK baseline)",
+            renormalize_default,
+        ),
+        (
+            "router_sampling",
+            "in training, sample the k experts from the router softmax (BTX's sample top-1)",
+            "always route to the top-k",
+            sampling_default,
+        ),
+    )
+    for name, on, off, default in flags:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument(f"--{name}", action="store_const", const=True, help=f"TopK: {on} (default: {default})")
+        group.add_argument(f"--no_{name}", dest=name, action="store_const", const=False, help=f"TopK: {off}")
+
+
 def add_btx_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "btx",
@@ -271,6 +323,7 @@ def add_btx_parser(subparsers) -> None:
     mix.add_argument("--seed_as_expert", action="store_true", help="add the seed as a generalist expert")
     mix.add_argument("--router_type", choices=MIX_ROUTER_TYPES, default="relu")
     mix.add_argument("--num_experts_per_tok", type=positive_int, default=2, help="k (default 2)")
+    _add_topk_routing_flags(mix, "on", "off")
     mix.add_argument("--shared", choices=SHARED_MODES, default="average")
     mix.add_argument("--router_init", choices=ROUTER_INITS, default="random")
     mix.add_argument("--router_texts", nargs="+", help="centroid init: one text/jsonl file per source")
@@ -297,14 +350,34 @@ def add_btx_parser(subparsers) -> None:
     finetune.add_argument("--domains", nargs="+", help="train on these domains only (default: all)")
     finetune.add_argument("--dataset", help="dataset (default: builtin)")
     finetune.add_argument("--freeze_experts", action="store_true", help="train everything but the experts")
+    _add_topk_routing_flags(finetune, "the checkpoint's", "the checkpoint's")
     _add_continuation_flags(finetune)
     finetune.set_defaults(handler="remoe.training.btx:run_finetune")
 
-    evaluate = steps.add_parser("eval", help="per-domain validation loss and routing shares (markdown)")
-    evaluate.add_argument("models", nargs="+", help="checkpoint folders")
+    evaluate = steps.add_parser(
+        "eval",
+        help="per-domain validation loss and routing shares (markdown); --btm: the branches as a BTM ensemble",
+        description="Per-domain validation loss of each model (and routing shares of MoEs). --btm MODEL... adds the "
+        "Branch-Train-Merge baseline: the branch models as an ensemble, each sequence's top-k models by their domain "
+        "posterior (Bayes' rule over the models' likelihoods of its prefix), next-token probabilities mixed.",
+    )
+    evaluate.add_argument("models", nargs="*", help="checkpoint folders")
     evaluate.add_argument("--dataset", default="builtin")
     evaluate.add_argument("--block_size", type=_integer_at_least(2), default=128)
     evaluate.add_argument("--max_eval_blocks", type=positive_int, default=64)
+    evaluate.add_argument(
+        "--btm", nargs="+", metavar="MODEL", help="BTM ensemble of these dense models, or of one `btx branch` folder"
+    )
+    evaluate.add_argument("--btm_top_k", type=positive_int, help="models mixed per position (default 2)")
+    evaluate.add_argument(
+        "--btm_prior",
+        choices=("uniform", "cached"),
+        help="domain prior: uniform, or BTM's cached prior from held-out blocks of each domain (default uniform)",
+    )
+    evaluate.add_argument(
+        "--btm_prior_blocks", type=positive_int, help="cached prior: held-out blocks per domain (default 16)"
+    )
+    evaluate.add_argument("--btm_seed_as_expert", action="store_true", help="a branch folder's seed joins the ensemble")
     evaluate.add_argument("--output_json", help="also write the numbers here")
     evaluate.set_defaults(handler="remoe.training.btx:run_eval")
 
@@ -321,6 +394,7 @@ def add_upcycle_parser(subparsers) -> None:
     parser.add_argument("--mode", choices=UPCYCLE_MODES, default="copy")
     parser.add_argument("--router_type", choices=MIX_ROUTER_TYPES, default="relu")
     parser.add_argument("--num_experts_per_tok", type=positive_int, default=1, help="k")
+    _add_topk_routing_flags(parser, "on", "off")
     parser.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to each copy")
     parser.add_argument("--router_std", type=float)
     parser.add_argument("--seed", type=non_negative_int, default=0)
@@ -342,6 +416,7 @@ def add_convert_parser(subparsers) -> None:
         help="MoE sources: relu (default; ReLU routing + controller) or topk (keeps the behaviour); dense sources: dense",
     )
     parser.add_argument("--num_experts_per_tok", type=positive_int, help="k (default: the source's)")
+    _add_topk_routing_flags(parser, "a ReMoE TopK source's, else on", "a ReMoE TopK source's, else off")
     _add_writer_flags(parser)
     _add_controller_flags(parser)
     parser.set_defaults(handler="remoe.training.convert:run_convert")

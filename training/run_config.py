@@ -45,16 +45,18 @@ from .trainer import check_complete_checkpoint, is_complete_checkpoint, last_com
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.yaml"
-# CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
-MODEL_FLAGS = (
-    "router_type",
-    "num_experts",
-    "num_experts_per_tok",
-    "granularity",
+# Model fields that may change when training continues from a checkpoint (`--model_name_or_path`).
+CONTINUATION_FLAGS = (
     "l1_coef_init",
     "l1_coef_multiplier",
     "load_balance",
+    "router_aux_loss_coef",
+    "router_aux_loss_reduction",
+    "router_renormalize",
+    "router_sampling",
 )
+# CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
+MODEL_FLAGS = ("router_type", "num_experts", "num_experts_per_tok", "granularity", *CONTINUATION_FLAGS)
 DATA_FLAGS = ("dataset", "domains", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
 TRAINING_FLAGS = (
     "max_steps",
@@ -66,8 +68,6 @@ TRAINING_FLAGS = (
     "seed",
     "bf16",
 )
-# Model fields that may change when training continues from a checkpoint (`--model_name_or_path`).
-CONTINUATION_FLAGS = ("l1_coef_init", "l1_coef_multiplier", "load_balance", "router_aux_loss_coef")
 # The `data` section: (allowed types, smallest value or None), defaults where remoe sets one.
 DATA_FIELDS: dict[str, tuple[tuple[type, ...], int | None]] = {
     "dataset": ((str,), None),
@@ -89,6 +89,9 @@ REMOE_TRAINING_FIELDS = {
     "dataloader_drop_last": "(remoe train drops the last partial batch)",
 }
 PARALLEL_FIELDS = ("deepspeed", "expert_parallel_size")
+# `training` keys of remoe's own: TopK's near-dense warmup (k experts for the first steps; the ReMoE paper's baseline).
+WARMUP_FIELDS = ("topk_warmup_k", "topk_warmup_steps")
+PAPER_PRESETS = ("182m", "469m", "978m")
 ADAM_BYTES_PER_PARAMETER = 16  # fp32 weights, gradients and AdamW's two moments
 
 
@@ -169,7 +172,7 @@ def check_training_section(training: dict[str, Any], where: str) -> None:
     for name, flag in REMOE_TRAINING_FIELDS.items():
         if name in training:
             raise ValueError(f"{where}: training.{name} is set by remoe train; use {flag}")
-    _check_keys("training", training, fields | set(PARALLEL_FIELDS), where)
+    _check_keys("training", training, fields | set(PARALLEL_FIELDS) | set(WARMUP_FIELDS), where)
     for name, value in training.items():
         if name not in hints:
             continue
@@ -228,6 +231,15 @@ class RunConfig:
     streaming: bool = False
     freeze_experts: bool = False
     num_proc: int | None = None
+    model_dtype: str = "float32"
+
+    @property
+    def topk_warmup(self) -> tuple[int, int] | None:
+        """`(k, steps)` of TopK's near-dense warmup, or None."""
+        training = self.sections["training"]
+        if training.get("topk_warmup_k") is None:
+            return None
+        return training["topk_warmup_k"], training["topk_warmup_steps"]
 
     @property
     def data(self) -> dict[str, Any]:
@@ -235,7 +247,9 @@ class RunConfig:
 
     def training_arguments(self) -> TrainingArguments:
         """The run's `TrainingArguments`: the `training` section plus what `remoe train` always sets."""
-        training = {name: value for name, value in self.sections["training"].items() if name != "seed"}
+        training = {
+            name: value for name, value in self.sections["training"].items() if name not in ("seed", *WARMUP_FIELDS)
+        }
         # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
         training.setdefault("use_cpu", not has_accelerator())
         training.setdefault("dataloader_pin_memory", has_accelerator())
@@ -283,6 +297,7 @@ def plan_run(options: dict[str, Any]) -> RunConfig:
         streaming=streaming,
         freeze_experts=bool(options.get("freeze_experts")),
         num_proc=options.get("num_proc"),
+        model_dtype=options.get("model_dtype") or "float32",
     )
 
 
@@ -298,10 +313,17 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
     source = options.get("config") or options.get("preset") or "tiny"
     run = load_preset(source)
     where = str(source)
-    for section, names in (("model", MODEL_FLAGS), ("data", DATA_FLAGS), ("training", TRAINING_FLAGS)):
+    for section, names in (("model", MODEL_FLAGS), ("data", DATA_FLAGS), ("training", TRAINING_FLAGS + WARMUP_FIELDS)):
         run[section].update({name: options[name] for name in names if options.get(name) is not None})
     for name, value in DATA_DEFAULTS.items():
         run["data"].setdefault(name, value)
+    if source in PAPER_PRESETS and run["data"]["dataset"] == "builtin":
+        logger.warning(
+            "--preset %s has the paper's model and recipe, but trains on the built-in corpus (about 9 MB of text) "
+            "with a tokenizer trained on it; the paper used The Pile and GPT-2's tokenizer: pass --dataset and "
+            "--tokenizer to reproduce it",
+            source,
+        )
     if not options.get("model_name_or_path"):
         check_model_section(run["model"], where)
     check_data_section(run["data"], where)
@@ -314,6 +336,16 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
         config = _continued_model(options, run, where)
     else:
         config = ReMoEConfig(**run["model"], vocab_size=run["data"]["vocab_size"])
+    if options.get("model_dtype") and not options.get("model_name_or_path"):
+        raise ValueError("--model_dtype applies to --model_name_or_path (a new model is always built in float32)")
+    reentrant = (run["training"].get("gradient_checkpointing_kwargs") or {}).get("use_reentrant")
+    if config.has_experts and run["training"].get("gradient_checkpointing") and reentrant:
+        raise ValueError(
+            f"{where}: training.gradient_checkpointing_kwargs.use_reentrant=true would give the router no gradient "
+            "from the ReMoE regulariser / TopK balancing loss (the router logits are captured outside the recomputed "
+            "graph); use use_reentrant: false (the default)"
+        )
+    _check_topk_warmup(run["training"], config, where)
     if options.get("freeze_experts") and not config.has_experts:
         raise ValueError("--freeze_experts: the model is dense (router_type='dense'), it has no experts to freeze")
     if run["data"]["block_size"] > config.max_position_embeddings:
@@ -322,6 +354,26 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             f"({config.max_position_embeddings}); use a block size of at most {config.max_position_embeddings}"
         )
     return run, config
+
+
+def _check_topk_warmup(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:
+    given = [name for name in WARMUP_FIELDS if training.get(name) is not None]
+    if not given:
+        return
+    if len(given) == 1:
+        missing = next(name for name in WARMUP_FIELDS if name not in given)
+        raise ValueError(f"{where}: training.{given[0]} needs training.{missing} as well")
+    if config.router_type != "topk":
+        raise ValueError(f"{where}: topk_warmup_k applies to router_type='topk', got {config.router_type!r}")
+    top_k, steps = training["topk_warmup_k"], training["topk_warmup_steps"]
+    for name, value in (("topk_warmup_k", top_k), ("topk_warmup_steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: training.{name} must be an integer >= 1, got {value!r}")
+    if top_k > config.num_routed_experts:
+        raise ValueError(
+            f"{where}: training.topk_warmup_k must be at most the {config.num_routed_experts} routed experts, "
+            f"got {top_k}"
+        )
 
 
 def _continued_model(options: dict[str, Any], run: dict[str, dict], where: str) -> ReMoEConfig:

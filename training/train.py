@@ -12,13 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainingArguments, set_seed
 
 from remoe import ReMoEForCausalLM
 from remoe.checkpoints import load_model
 from remoe.records import TrainingMetrics, parameter_counts
 
-from .controller import add_controller_callback
+from .controller import TopKWarmupCallback, add_controller_callback
 from .data import collate_blocks, prepare_data
 from .plots import plot_training_curves
 from .routing import routing_sparsity
@@ -33,7 +34,10 @@ def build_model(run: RunConfig, tokenizer) -> ReMoEForCausalLM:
     checkpoint of `--model_name_or_path` with the controller overrides."""
     if run.model_name_or_path:
         overrides = {key: value for key, value in run.sections["model"].items() if key != "router_type"}
-        model = load_model(run.model_name_or_path, **overrides)
+        # fp32 master weights whatever the checkpoint's dtype (a bf16 checkpoint would otherwise train in bf16);
+        # `--bf16` then computes in bf16 under autocast, as for a new model.
+        dtype = "auto" if run.model_dtype == "auto" else getattr(torch, run.model_dtype)
+        model = load_model(run.model_name_or_path, dtype=dtype, **overrides)
         if "l1_coef_init" in overrides and model.controller is not None:
             model.controller.l1_coef.fill_(overrides["l1_coef_init"])  # the checkpoint's lambda would win otherwise
     else:
@@ -86,6 +90,8 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         processing_class=data.tokenizer,
     )
     controller = add_controller_callback(trainer)
+    if run.topk_warmup is not None:
+        trainer.add_callback(TopKWarmupCallback(*run.topk_warmup))
 
     output_dir = run.output_dir
     start = time.perf_counter()

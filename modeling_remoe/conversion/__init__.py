@@ -2,7 +2,8 @@
 
 - `btx_mix` (`btx.py`): Branch-Train-MiX. N dense checkpoints (Llama, Mistral, Qwen2 or dense ReMoE) become one MoE:
   the FFN of every layer of source i becomes expert i (optionally cut into `split` finer experts), attention, norms,
-  embeddings and LM head are averaged (or taken from a base), and a new ReLU or TopK router is initialised.
+  embeddings and LM head are averaged (or taken from a base), and a new ReLU or TopK router is initialised (TopK:
+  BTX's `SoftMax(TopK(Wx))`, renormalised over the kept experts, unless `router_renormalize=False`).
 - `upcycle` (`upcycle.py`): sparse upcycling of one dense checkpoint into E experts (copies, optionally with noise, or
   a split); `to_dense_remoe`: a Llama / Mistral / Qwen2 checkpoint as a dense ReMoE checkpoint (same function).
 - `convert_moe` (`convert.py`): a TopK MoE (Mixtral, or a ReMoE TopK/ReLU checkpoint) into ReMoE with ReLU or TopK

@@ -2,7 +2,8 @@
 
 The FFN of every layer of source i becomes expert i (optionally cut into `split` finer experts), attention, norms,
 embeddings and LM head are averaged (or taken from a base), and a new ReLU or TopK router is initialised
-(`routers.py`).
+(`routers.py`). TopK routing is BTX's `SoftMax(TopK(Wx))` by default (`router_renormalize`): the kept gates sum to 1,
+so a mix of identical sources computes the source.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .layer_plan import (
     fused_gate_up,
     remoe_config,
     stacked_down,
+    topk_routing_fields,
 )
 from .routers import ROUTER_INITS, centroid_routers, random_router
 from .writer import OutputOptions
@@ -50,6 +52,10 @@ class MixOptions:
             (the last one). It is also the base for `shared="base"` and the model that `router_init="centroid"` runs.
         router_type: `"relu"` (ReMoE, sparsity target `1 - k/E`) or `"topk"`.
         num_experts_per_tok: k (TopK's experts per token, ReMoE's target).
+        router_renormalize: TopK: the k kept softmax values renormalised to sum 1 (None: True, BTX's router);
+            False keeps them as they are (the ReMoE paper's TopK baseline).
+        router_sampling: TopK: in training, sample the k experts from the router softmax (BTX's "sample top-1";
+            None: False).
         shared: `"average"`: attention, norms, embeddings and LM head are the mean of the expert sources;
             `"base"`: copied from `seed_model` (or the first source).
         router_init: `"random"` (normal, std `router_std`, default the source's `initializer_range`) or `"centroid"`:
@@ -64,6 +70,8 @@ class MixOptions:
     seed_as_expert: bool = False
     router_type: str = "relu"
     num_experts_per_tok: int = 2
+    router_renormalize: bool | None = None
+    router_sampling: bool | None = None
     shared: str = "average"
     router_init: str = "random"
     router_texts: Sequence[Sequence[str]] | None = None
@@ -92,6 +100,7 @@ class MixOptions:
         if self.seed_as_expert and self.seed_model is None:
             raise ValueError("seed_as_expert needs seed_model")
         check_choice("router_type", self.router_type, MIX_ROUTER_TYPES)
+        topk_routing_fields(self.router_type, self.router_renormalize, self.router_sampling)
         check_choice("shared", self.shared, SHARED_MODES)
         check_choice("router_init", self.router_init, ROUTER_INITS)
         texts = self.router_texts
@@ -182,7 +191,7 @@ def btx_mix(
         output_dir: where the ReMoE checkpoint is written (must not exist or be empty unless `overwrite`).
         dtype: dtype of the result (default: the first source's).
         options: the fields of `MixOptions` (`seed_model`, `seed_as_expert`, `router_type`, `num_experts_per_tok`,
-            `shared`, `router_init`, `router_texts`, `router_max_tokens`, `split`, `expert_names`, `router_std`,
+            `router_renormalize`, `router_sampling`, `shared`, `router_init`, `router_texts`, `router_max_tokens`, `split`, `expert_names`, `router_std`,
             `seed`) and the controller fields `l1_coef_init`, `l1_coef_multiplier`, `load_balance`,
             `router_aux_loss_coef` of the result.
 
@@ -211,6 +220,7 @@ def btx_mix(
             granularity=mix.split,
             router_type=mix.router_type,
             moe_layer_freq=1,
+            **topk_routing_fields(mix.router_type, mix.router_renormalize, mix.router_sampling),
             **mix.controller,
         )
         output.dtype_for(checkpoints[0])  # a bad dtype fails before the centroid init runs a model

@@ -12,7 +12,15 @@ import torch
 from ..checkpoints import SafetensorsCheckpoint
 from ..configuration_remoe import ReMoEConfig
 from .architecture import Architecture, check_source_tensors, open_checkpoints, read_architecture
-from .layer_plan import MIX_ROUTER_TYPES, ExpertTensors, check_choice, controller_fields, conversion_plan, remoe_config
+from .layer_plan import (
+    MIX_ROUTER_TYPES,
+    ExpertTensors,
+    check_choice,
+    controller_fields,
+    conversion_plan,
+    remoe_config,
+    topk_routing_fields,
+)
 from .upcycle import to_dense_remoe
 from .writer import OutputOptions
 
@@ -22,11 +30,16 @@ def _converted_config(
     checkpoint: SafetensorsCheckpoint,
     router_type: str,
     num_experts_per_tok: int | None,
+    routing: dict[str, bool | None],
     controller: dict[str, Any],
 ) -> ReMoEConfig:
-    """The result's config: the source's experts and k (unless `num_experts_per_tok`), routed by `router_type`."""
+    """The result's config: the source's experts and k (unless `num_experts_per_tok`), routed by `router_type`.
+
+    TopK routing keeps a ReMoE TopK source's `router_renormalize` and `router_sampling` unless `routing` sets them;
+    from any other source it is renormalised (Mixtral's and BTX's convention) without sampling by default."""
     k = num_experts_per_tok if num_experts_per_tok is not None else arch.routed_top_k
     extra: dict[str, Any] = {}
+    renormalize_default, sampling_default = True, False
     if arch.moe_layout == "remoe":
         source_config = ReMoEConfig.from_pretrained(checkpoint.path)
         num_experts, granularity = source_config.num_experts, source_config.granularity
@@ -38,7 +51,7 @@ def _converted_config(
         if router_type == "topk":
             extra["router_aux_loss_coef"] = source_config.router_aux_loss_coef
         if router_type == source_config.router_type == "topk":
-            extra["router_renormalize"] = source_config.router_renormalize
+            renormalize_default, sampling_default = source_config.router_renormalize, source_config.router_sampling
         if router_type == source_config.router_type == "relu":
             for name in ("l1_coef_init", "l1_coef_multiplier", "load_balance"):
                 extra[name] = getattr(source_config, name)
@@ -47,7 +60,11 @@ def _converted_config(
         dense_width = None
         if router_type == "topk":
             extra["router_aux_loss_coef"] = checkpoint.config_dict.get("router_aux_loss_coef", 0.01)
-            extra["router_renormalize"] = True  # Mixtral renormalises its top-k routing weights
+    extra.update(
+        topk_routing_fields(
+            router_type, **routing, renormalize_default=renormalize_default, sampling_default=sampling_default
+        )
+    )
     config = remoe_config(
         arch,
         checkpoint.config_dict,
@@ -110,6 +127,8 @@ def convert_moe(
     *,
     router_type: str = "relu",
     num_experts_per_tok: int | None = None,
+    router_renormalize: bool | None = None,
+    router_sampling: bool | None = None,
     dtype: str | torch.dtype | None = None,
     max_shard_size: int | str = "5GB",
     overwrite: bool = False,
@@ -118,7 +137,8 @@ def convert_moe(
     """A Mixtral (original or fused tensor layout) or ReMoE MoE checkpoint as a ReMoE checkpoint.
 
     Experts, attention, norms and embeddings are kept. `router_type="topk"` keeps the source's behaviour (the router
-    weights are copied and `router_renormalize` is set, as Mixtral renormalises its top-k weights).
+    weights are copied; `router_renormalize` is set, as Mixtral renormalises its top-k weights, and a ReMoE TopK
+    source keeps its own `router_renormalize` and `router_sampling`; either can be set explicitly).
     `router_type="relu"` switches ReLU routing and the L1 controller on for a short finetune: the router weights are
     reused minus their mean over the experts (the component a softmax ignores), so `ReLU(x W^T)` starts where the
     softmax router preferred an expert. `num_experts_per_tok` defaults to the source's k (ReMoE's target `1 - k/E`).
@@ -126,6 +146,8 @@ def convert_moe(
     source_path = Path(source)
     output = OutputOptions(Path(output_dir), dtype, max_shard_size, overwrite)
     check_choice("router_type", router_type, MIX_ROUTER_TYPES)
+    routing = {"router_renormalize": router_renormalize, "router_sampling": router_sampling}
+    topk_routing_fields(router_type, **routing)
     controller = controller_fields(controller)
     output.check([source_path])
     with open_checkpoints([source_path]) as (checkpoint,):
@@ -136,7 +158,7 @@ def convert_moe(
                 "use to_dense_remoe, upcycle or btx_mix"
             )
         check_source_tensors(checkpoint, arch)
-        config = _converted_config(arch, checkpoint, router_type, num_experts_per_tok, controller)
+        config = _converted_config(arch, checkpoint, router_type, num_experts_per_tok, routing, controller)
         plan = conversion_plan(arch, config, [checkpoint], _source_experts(arch, checkpoint, config, router_type))
         info = {
             "method": "convert_moe",

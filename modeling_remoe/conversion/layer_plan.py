@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ from ..checkpoints import SafetensorsCheckpoint
 from ..configuration_remoe import ReMoEConfig
 from .architecture import Architecture, attention_shapes
 from .writer import PlannedTensor
+
+logger = logging.getLogger(__name__)
 
 MIX_ROUTER_TYPES = ("relu", "topk")
 # ReMoE fields that a conversion may set on top of the architecture (the controller and TopK loss settings).
@@ -43,6 +46,46 @@ def controller_fields(options: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in options.items() if value is not None}
 
 
+def topk_routing_fields(
+    router_type: str,
+    router_renormalize: bool | None,
+    router_sampling: bool | None,
+    *,
+    renormalize_default: bool = True,
+    sampling_default: bool = False,
+) -> dict[str, bool]:
+    """`router_renormalize` and `router_sampling` of a TopK result (none for ReLU), None meaning the default.
+
+    Renormalised top-k is BTX's router `SoftMax(TopK(Wx))`: the kept gates sum to 1, so experts that are copies of
+    one FFN compute that FFN. `router_sampling` draws the k experts from the router softmax in training (BTX's
+    "sample top-1"). `ValueError` naming the flag for a non-bool value, or for either set with ReLU routing.
+    """
+    given = {"router_renormalize": router_renormalize, "router_sampling": router_sampling}
+    for name, value in given.items():
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} (--{name}) must be True or False, got {value!r}")
+        if value and router_type != "topk":
+            raise ValueError(f"{name} (--{name}) applies to router_type 'topk' only, got router_type={router_type!r}")
+    if router_type != "topk":
+        return {}
+    return {
+        "router_renormalize": renormalize_default if router_renormalize is None else router_renormalize,
+        "router_sampling": sampling_default if router_sampling is None else router_sampling,
+    }
+
+
+def warn_constant_top1_gates(config: ReMoEConfig) -> None:
+    """Warn when every gate is 1 (renormalised deterministic top-1): the router then learns from the balancing loss
+    only."""
+    top1 = config.router_type == "topk" and config.routed_top_k == 1
+    if top1 and config.router_renormalize and not config.router_sampling:
+        logger.warning(
+            "renormalised top-1 routing without router_sampling: every gate is 1, so the router gets no gradient from "
+            "the LM loss (only from the balancing loss); add --router_sampling (BTX's sample top-1) or "
+            "--no_router_renormalize (Switch-style gates)"
+        )
+
+
 def remoe_config(arch: Architecture, source_config: dict[str, Any], **fields: Any) -> ReMoEConfig:
     """A ReMoE config with the source's attention/embedding architecture and the given MoE fields."""
     values = {
@@ -64,7 +107,9 @@ def remoe_config(arch: Architecture, source_config: dict[str, Any], **fields: An
         "pad_token_id": source_config.get("pad_token_id"),
     }
     values.update(fields)
-    return ReMoEConfig(**values)
+    config = ReMoEConfig(**values)
+    warn_constant_top1_gates(config)
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

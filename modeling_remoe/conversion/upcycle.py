@@ -22,6 +22,7 @@ from .layer_plan import (
     fused_gate_up,
     remoe_config,
     stacked_down,
+    topk_routing_fields,
 )
 from .routers import random_router
 from .writer import OutputOptions
@@ -56,6 +57,8 @@ def upcycle(
     mode: str = "copy",
     router_type: str = "relu",
     num_experts_per_tok: int = 1,
+    router_renormalize: bool | None = None,
+    router_sampling: bool | None = None,
     noise: float = 0.0,
     router_std: float | None = None,
     seed: int = 0,
@@ -68,15 +71,19 @@ def upcycle(
 
     `mode="copy"`: every expert is a copy of the FFN (width `ffn`), each cut into `granularity` chunks, plus Gaussian
     noise of `noise` times each weight's standard deviation. With gates summing to 1 over the copies the MoE computes
-    the dense FFN. `mode="split"`: the FFN is cut into `num_experts * granularity` chunks, one per routed expert
-    (`intermediate_size = ffn / num_experts`); with every gate at 1 the MoE computes the dense FFN.
-    The router is random (normal, std `router_std`, default the source's `initializer_range`); attention, norms and
-    embeddings are copied.
+    the dense FFN: with TopK routing renormalised over the kept experts (`router_renormalize`, the default for
+    `router_type="topk"`), `noise=0` and `granularity=1` the result equals the source at initialisation;
+    `router_renormalize=False` keeps the softmax values (gates summing to less than 1). `router_sampling` (TopK) draws
+    the experts from the router softmax in training. `mode="split"`: the FFN is cut into `num_experts * granularity`
+    chunks, one per routed expert (`intermediate_size = ffn / num_experts`); with every gate at 1 the MoE computes the
+    dense FFN. The router is random (normal, std `router_std`, default the source's `initializer_range`); attention,
+    norms and embeddings are copied.
     """
     source_path = Path(source)
     output = OutputOptions(Path(output_dir), dtype, max_shard_size, overwrite)
     check_choice("mode", mode, UPCYCLE_MODES)
     check_choice("router_type", router_type, MIX_ROUTER_TYPES)
+    routing = topk_routing_fields(router_type, router_renormalize, router_sampling)
     check_positive_int("num_experts", num_experts)
     check_positive_int("granularity", granularity)
     if not math.isfinite(noise) or noise < 0:
@@ -98,6 +105,7 @@ def upcycle(
             granularity=granularity,
             router_type=router_type,
             moe_layer_freq=1,
+            **routing,
             **controller,
         )
         std = router_std if router_std is not None else config.initializer_range
