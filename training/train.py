@@ -141,19 +141,27 @@ def _explained_disk_full(output_dir: Path):
 
 
 def whole_run_train_loss(training_loss: float, global_step: int, start_step: int, log_history: list[dict]) -> float:
-    """The mean training loss over every step of the run. After a resume the Trainer's `training_loss` covers the
-    resumed steps only; the steps before come from the restored log (interval means weighted by interval length)."""
+    """The mean training loss over every step of the run, also after a resume.
+
+    After a resume the Trainer's `training_loss` sums the resumed steps only, and Transformers releases divide that sum
+    differently (by the resumed steps, or before 5.2x by all steps). The restored log holds every interval's mean, so
+    when it reaches the last step the whole-run mean comes from it alone (interval means weighted by interval length);
+    otherwise the steps before the resume come from the log and the resumed ones from `training_loss`."""
     if start_step == 0 or global_step <= start_step:
         return training_loss
-    previous, total = 0, 0.0
+    intervals, previous = [], 0
     for entry in log_history:
-        if "loss" in entry and entry["step"] <= start_step:
-            total += entry["loss"] * (entry["step"] - previous)
+        if "loss" in entry and entry["step"] > previous:
+            intervals.append((entry["step"] - previous, entry["loss"], entry["step"]))
             previous = entry["step"]
-    if previous == 0:
+    if previous == global_step:
+        return sum(length * loss for length, loss, _ in intervals) / global_step
+    before = [(length, loss) for length, loss, step in intervals if step <= start_step]
+    logged_before = sum(length for length, _ in before)
+    if logged_before == 0:
         return training_loss
-    before = total / previous
-    return (before * start_step + training_loss * (global_step - start_step)) / global_step
+    mean_before = sum(length * loss for length, loss in before) / logged_before
+    return (mean_before * start_step + training_loss * (global_step - start_step)) / global_step
 
 
 def _tokens_per_step(args: TrainingArguments, data_cfg: dict) -> int:
