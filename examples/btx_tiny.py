@@ -2,7 +2,7 @@
 
 seed (dense) -> three domain experts (code, docs, math; equal steps) -> mix with the seed as a generalist expert
 (ReLU with random and centroid routers; BTX's TopK-2 router SoftMax(TopK(Wx)), renormalised, and for comparison the
-un-renormalised TopK-2 of the ReMoE paper's baseline; BTX's sample top-1) -> MoE finetune on all domains; against the
+un-renormalised TopK-2 of the ReMoE paper's baseline; BTX's sample top-1; the blending-experts ablation) -> MoE finetune on all domains; against the
 seed, each expert, the BTM baseline (the experts and the seed as a top-2 ensemble weighted by their domain posterior,
 no training), sparse upcycling of the seed (ReLU and TopK-2) and a dense model trained on all data, both with the same
 training tokens as BTX after the seed (3 x branch steps + finetune steps). Every model is evaluated on the same
@@ -107,6 +107,8 @@ def main() -> None:
         "btx-topk2": ("--router_type", "topk", "--num_experts_per_tok", 2),
         "btx-topk2-unnormalised": ("--router_type", "topk", "--num_experts_per_tok", 2, "--no_router_renormalize"),
         "btx-sample-top1": ("--router_type", "topk", "--num_experts_per_tok", 1, "--router_sampling"),
+        # the blending-experts ablation: expert j holds chunk j of every domain FFN
+        "btx-topk2-blended": ("--router_type", "topk", "--num_experts_per_tok", 2, "--blend"),
     }
     for name, flags in mixes.items():
         mix_args = ("--seed_as_expert", *flags, "--output_dir", work / f"mix-{name}")

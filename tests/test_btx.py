@@ -259,6 +259,17 @@ def test_topk_routing_flags_of_mix_upcycle_convert(workspace, tmp_path):
     assert config_of(tmp_path / "set")["router_sampling"] is True
 
 
+def test_mix_blend_on_the_command_line(workspace, tmp_path, capsys):
+    seed = workspace / "seed"
+    assert run_cli(["btx", "mix", seed, seed, "--blend", "--output_dir", tmp_path / "blend"]) == 0
+    info = json.loads((tmp_path / "blend" / "remoe_conversion.json").read_text())
+    assert info["blend"] is True and [e["name"] for e in info["experts"]] == ["blend-0", "blend-1"]
+    centroid = ["btx", "mix", seed, seed, "--blend", "--router_init", "centroid", "--domains", "code", "math"]
+    assert run_cli([*centroid, "--output_dir", tmp_path / "bad"]) == 2
+    assert "blend (--blend)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_finetune_keeps_the_checkpoints_routing_unless_a_flag_is_given(workspace, tmp_path, capsys):
     upcycle = ["upcycle", workspace / "seed", "--num_experts", "2", "--num_experts_per_tok", "2"]
     assert run_cli([*upcycle, "--router_type", "topk", "--output_dir", tmp_path / "topk"]) == 0

@@ -2,6 +2,7 @@
 the source models' logits."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -168,6 +169,48 @@ def test_mix_split_with_all_chunks_active_reproduces_the_source_ffn(tmp_path, mo
         chunks[expert * split : (expert + 1) * split] = 1.0
         force_gates(monkeypatch, lambda t, e, c=chunks: c.expand(t, e))
         torch.testing.assert_close(logits(mixed), logits(model), rtol=0, atol=1e-5)
+
+
+def test_blended_mix_gives_every_expert_a_chunk_of_every_source(tmp_path, monkeypatch):
+    """BTX's blending-experts ablation: expert j = chunk j of each source's FFN, so all-ones gates compute the sum of
+    the sources' FFNs (as the unblended mix does) while no single expert is any source's FFN."""
+    paths, models = sources_sharing_non_ffn(tmp_path, 2)
+    blend_dir = conversion.btx_mix(paths, tmp_path / "blend", blend=True, num_experts_per_tok=1)
+    info = json.loads((blend_dir / conversion.CONVERSION_INFO_FILE).read_text())
+    assert info["blend"] is True and [expert["name"] for expert in info["experts"]] == ["blend-0", "blend-1"]
+    mixed, sources = read_tensors(blend_dir), [read_tensors(path) for path in paths]
+    half = TINY["intermediate_size"] // 2
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.mlp."
+        for expert in range(2):
+            rows = slice(expert * half, (expert + 1) * half)
+            gate = torch.cat([source[f"{prefix}gate_proj.weight"][rows] for source in sources])
+            up = torch.cat([source[f"{prefix}up_proj.weight"][rows] for source in sources])
+            down = torch.cat([source[f"{prefix}down_proj.weight"][:, rows] for source in sources], dim=1)
+            assert torch.equal(mixed[f"{prefix}experts.gate_up_proj"][expert], torch.cat([gate, up]))
+            assert torch.equal(mixed[f"{prefix}experts.down_proj"][expert], down)
+
+    blend, plain = load(blend_dir), load(conversion.btx_mix(paths, tmp_path / "plain", num_experts_per_tok=1))
+    force_gates(monkeypatch, lambda t, e: torch.ones(t, e))
+    torch.testing.assert_close(logits(blend), logits(plain), rtol=0, atol=1e-5)
+    force_gates(monkeypatch, lambda t, e: torch.nn.functional.one_hot(torch.zeros(t, dtype=torch.long), e).float())
+    for model in models:
+        assert (logits(blend) - logits(model)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("count", "options", "message"),
+    [
+        (3, {}, "blend needs the number of experts (3) to divide the FFN width 64"),
+        (2, {"router_init": "centroid", "router_texts": [["a"], ["b"]]}, "router_init='centroid'"),
+        (2, {"blend": "yes"}, "blend (--blend) must be True or False"),
+    ],
+)
+def test_blend_bad_options_fail_before_writing(tmp_path, count, options, message):
+    paths, _ = sources_sharing_non_ffn(tmp_path, count)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        conversion.btx_mix(paths, tmp_path / "out", **{"blend": True, **options})
+    assert not (tmp_path / "out").exists()
 
 
 def test_upcycle_copies_with_gates_summing_to_one_equal_the_dense_model(tmp_path, monkeypatch):

@@ -606,6 +606,7 @@ def run_mix(args: argparse.Namespace) -> None:
         *TOPK_ROUTING_OPTIONS,
         "shared",
         "split",
+        "blend",
         "router_std",
         "router_max_tokens",
         "seed",

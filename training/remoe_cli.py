@@ -333,6 +333,11 @@ def add_btx_parser(subparsers) -> None:
         "--router_max_tokens", type=positive_int, default=4096, help="centroid init: tokens per source (default 4096)"
     )
     mix.add_argument("--split", type=positive_int, default=1, help="cut every FFN into C experts (granularity)")
+    mix.add_argument(
+        "--blend",
+        action="store_true",
+        help="BTX's blending-experts ablation: expert j is chunk j of every source's FFN (no domain experts)",
+    )
     mix.add_argument("--expert_names", nargs="+", help="one name per source (default: folder names)")
     mix.add_argument("--router_std", type=float, help="std of the random router (default: initializer_range)")
     mix.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the router")

@@ -2,7 +2,8 @@
 
 The FFN of every layer of source i becomes expert i (optionally cut into `split` finer experts), attention, norms,
 embeddings and LM head are averaged (or taken from a base), and a new ReLU or TopK router is initialised
-(`routers.py`). TopK routing is BTX's `SoftMax(TopK(Wx))` by default (`router_renormalize`): the kept gates sum to 1,
+(`routers.py`). `blend` is the BTX paper's "blending experts" ablation: every FFN is cut into one chunk per source and
+expert j is made of chunk j of every source, so no expert belongs to one domain. TopK routing is BTX's `SoftMax(TopK(Wx))` by default (`router_renormalize`): the kept gates sum to 1,
 so a mix of identical sources computes the source.
 """
 
@@ -62,6 +63,9 @@ class MixOptions:
             from the mean hidden state of each domain's `router_texts` (one list of texts per source), see
             `centroid_router`; at most `router_max_tokens` tokens of each list are used.
         split: cut every FFN into `split` experts of width `ffn/split` (the granularity of the result).
+        blend: the "blending experts" ablation: with N expert sources, each FFN is cut into N chunks of width `ffn/N`
+            and expert j concatenates chunk j of every source (then `split` applies to these experts). All experts
+            together still hold every source's FFN; the router cannot start from domain centroids.
         expert_names: one name per source (default: folder names), written to `remoe_conversion.json`.
         controller: `l1_coef_init`, `l1_coef_multiplier`, `load_balance`, `router_aux_loss_coef` of the result.
     """
@@ -77,6 +81,7 @@ class MixOptions:
     router_texts: Sequence[Sequence[str]] | None = None
     router_max_tokens: int = 4096
     split: int = 1
+    blend: bool = False
     expert_names: Sequence[str] | None = None
     router_std: float | None = None
     seed: int = 0
@@ -112,6 +117,13 @@ class MixOptions:
         if self.expert_names is not None and len(self.expert_names) != num_sources:
             raise ValueError(f"expert_names needs one name per source ({num_sources}), got {len(self.expert_names)}")
         check_positive_int("split", self.split)
+        if not isinstance(self.blend, bool):
+            raise ValueError(f"blend (--blend) must be True or False, got {self.blend!r}")
+        if self.blend and self.router_init == "centroid":
+            raise ValueError(
+                "blend (--blend) mixes every domain into every expert, so router_init='centroid' (one domain centroid "
+                "per expert) does not apply; use router_init='random'"
+            )
         return dataclasses.replace(self, controller=controller_fields(self.controller))
 
 
@@ -137,7 +149,7 @@ def _check_same_architecture(archs: list[Architecture], paths: list[Path]) -> No
 
 
 def _checked_architecture(
-    checkpoints: list[SafetensorsCheckpoint], paths: list[Path], seed_path: Path | None, split: int
+    checkpoints: list[SafetensorsCheckpoint], paths: list[Path], seed_path: Path | None, split: int, blend_parts: int
 ) -> Architecture:
     """The one dense architecture of all sources (and the seed), their tensors checked."""
     archs = [read_architecture(checkpoint) for checkpoint in checkpoints]
@@ -148,6 +160,10 @@ def _checked_architecture(
         check_source_tensors(checkpoint, arch)
     if archs[0].ffn_size % split:
         raise ValueError(f"split={split} must divide the FFN width {archs[0].ffn_size}")
+    if archs[0].ffn_size % blend_parts:
+        raise ValueError(
+            f"blend needs the number of experts ({blend_parts}) to divide the FFN width {archs[0].ffn_size}"
+        )
     return archs[0]
 
 
@@ -162,11 +178,21 @@ def _router(mix: MixOptions, config: ReMoEConfig, reference: Path) -> Callable[[
     return lambda layer: random_router(config.num_routed_experts, config.hidden_size, std, mix.seed, layer)
 
 
-def _experts(sources: list[SafetensorsCheckpoint], chunk: int, router: Callable[[int], torch.Tensor]) -> ExpertTensors:
-    """Each source's FFN cut into experts of width `chunk`, in source order."""
+def blended(weights: Sequence[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Blending experts: each of the N weights cut into N chunks along the FFN dimension `dim`; blend j is the
+    concatenation of chunk j of every weight (in source order)."""
+    chunks = [weight.chunk(len(weights), dim=dim) for weight in weights]
+    return [torch.cat([pieces[j] for pieces in chunks], dim=dim) for j in range(len(weights))]
+
+
+def _experts(
+    sources: list[SafetensorsCheckpoint], chunk: int, router: Callable[[int], torch.Tensor], blend: bool
+) -> ExpertTensors:
+    """Each source's FFN (or with `blend`, each blend of all sources' FFNs) cut into experts of width `chunk`."""
 
     def get(name: str, layer: int) -> list[torch.Tensor]:
-        return [source.get(f"model.layers.{layer}.mlp.{name}.weight") for source in sources]
+        weights = [source.get(f"model.layers.{layer}.mlp.{name}.weight") for source in sources]
+        return blended(weights, dim=1 if name == "down_proj" else 0) if blend else weights
 
     def gate_up(layer: int) -> torch.Tensor:
         return fused_gate_up(zip(get("gate_proj", layer), get("up_proj", layer), strict=True), chunk)
@@ -191,7 +217,8 @@ def btx_mix(
         output_dir: where the ReMoE checkpoint is written (must not exist or be empty unless `overwrite`).
         dtype: dtype of the result (default: the first source's).
         options: the fields of `MixOptions` (`seed_model`, `seed_as_expert`, `router_type`, `num_experts_per_tok`,
-            `router_renormalize`, `router_sampling`, `shared`, `router_init`, `router_texts`, `router_max_tokens`, `split`, `expert_names`, `router_std`,
+            `router_renormalize`, `router_sampling`, `shared`, `router_init`, `router_texts`, `router_max_tokens`, `split`,
+            `blend`, `expert_names`, `router_std`,
             `seed`) and the controller fields `l1_coef_init`, `l1_coef_multiplier`, `load_balance`,
             `router_aux_loss_coef` of the result.
 
@@ -205,7 +232,8 @@ def btx_mix(
     output.check(all_paths)
 
     with open_checkpoints(all_paths) as checkpoints:
-        arch = _checked_architecture(checkpoints, all_paths, seed_path, mix.split)
+        num_experts = len(source_paths) + int(mix.seed_as_expert)
+        arch = _checked_architecture(checkpoints, all_paths, seed_path, mix.split, num_experts if mix.blend else 1)
         expert_sources = checkpoints[: len(source_paths)]
         seed_checkpoint = checkpoints[-1] if seed_path is not None else None
         if mix.seed_as_expert:
@@ -227,19 +255,23 @@ def btx_mix(
         shared_sources = expert_sources if mix.shared == "average" else [seed_checkpoint or checkpoints[0]]
         router = _router(mix, config, seed_path or source_paths[0])
         plan = conversion_plan(
-            arch, config, shared_sources, _experts(expert_sources, config.expert_intermediate_size, router)
+            arch, config, shared_sources, _experts(expert_sources, config.expert_intermediate_size, router, mix.blend)
         )
         split = mix.split
+        experts = [
+            {"name": name, "source": str(source.path), "routed_experts": list(range(i * split, (i + 1) * split))}
+            for i, (name, source) in enumerate(zip(_unique_names(names), expert_sources, strict=True))
+        ]
+        if mix.blend:  # expert j holds chunk j of every source
+            experts = [{**expert, "name": f"blend-{i}", "source": "all sources"} for i, expert in enumerate(experts)]
         info = {
             "method": "btx_mix",
             "sources": [str(p) for p in source_paths],
             "seed_model": str(seed_path) if seed_path is not None else None,
-            "experts": [
-                {"name": name, "source": str(source.path), "routed_experts": list(range(i * split, (i + 1) * split))}
-                for i, (name, source) in enumerate(zip(_unique_names(names), expert_sources, strict=True))
-            ],
+            "experts": experts,
             "shared": mix.shared,
             "router_init": mix.router_init,
             "split": split,
+            "blend": mix.blend,
         }
         return output.write(plan, config, checkpoints, info, "btx mix")
