@@ -53,6 +53,13 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
+def _glibc_defaults_in_the_test_process(monkeypatch):
+    """`remoe train` keeps freed memory (`remoe.training.allocator`); the many in-process runs of the suite keep glibc's
+    defaults instead, so one test's heap does not stay with the next ones. tests/test_allocator.py tests the setting."""
+    monkeypatch.setenv("REMOE_KEEP_FREED_MEMORY", "0")
+
+
+@pytest.fixture(autouse=True)
 def _shared_corpus_cache(monkeypatch, tmp_path_factory):
     """One embedded-corpus cache for the whole session (tests that need their own set REMOE_CACHE themselves)."""
     monkeypatch.setenv("REMOE_CACHE", str(tmp_path_factory.getbasetemp() / "remoe-cache"))

@@ -19,6 +19,7 @@ from remoe import ReMoEForCausalLM
 from remoe.checkpoints import load_model
 from remoe.records import TrainingMetrics, parameter_counts
 
+from . import allocator
 from .controller import TopKWarmupCallback, add_controller_callback
 from .data import collate_blocks, prepare_data
 from .plots import plot_training_curves
@@ -66,7 +67,10 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     """Run one training job and return the metrics written to `metrics.json`.
 
     The stages, in order: the run configuration (every check, `run_config`), the data (`data`), the model, the
-    Trainer with the controller and its checkpoints (`trainer`, `controller`), then the final metrics and plots."""
+    Trainer with the controller and its checkpoints (`trainer`, `controller`), then the final metrics and plots.
+    Before all of them, glibc is told to keep freed memory (`allocator.keep_freed_memory`; `REMOE_KEEP_FREED_MEMORY=0`
+    turns it off)."""
+    allocator.keep_freed_memory()
     run = plan_run(options)
     set_seed(run.seed)
     data = prepare_data(
