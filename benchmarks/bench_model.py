@@ -2,16 +2,23 @@
 Qwen3-MoE built with the same dimensions, measured in one run so the ratios are fair.
 
 The models are timed in turns (round-robin, rotating order, medians), so a change in the machine's load hits every
-contestant alike. For every model and experts implementation: training-step tokens/s (forward, backward, AdamW step, and
-for ReMoE the controller update) with the peak memory of a step above the model and its optimizer state, prefill
-tokens/s, and decode tokens/s with the KV cache. ReMoE is measured in its stable stage (III): before timing, its routers
-are brought to the target sparsity `1 - k/E` by the real controller (short training at a high learning rate); the
-experts per token seen while timing are reported. When all models would not fit in memory together (the 182m preset
-on a small machine), each is saved once and loaded back for its turns (`--swap_models`).
+contestant alike. For every model and experts implementation: training-step tokens/s (forward, backward, the optimizer
+step that `transformers.Trainer` builds from default `TrainingArguments`, `adamw_torch_fused`, and for ReMoE the
+controller update) with the peak memory of a step above the model and its optimizer state, prefill tokens/s, and decode
+tokens/s with the KV cache. The training step's matmul FLOPs are counted exactly once per model (`FlopCounterMode`, on
+the "eager" experts, which compute only the routed pairs) and reported as achieved GFLOP/s; with `--gemm_limit` the
+machine's own matmul rate at the experts' GEMM shapes (gate_up and down, forward and both backward products, at the
+benchmark's mean tokens per expert) is measured too, and each row states its fraction of that limit. ReMoE is measured
+in its stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real
+controller (short training at a high learning rate); the experts per token seen while timing are reported. When all
+models would not fit in memory together (the 182m preset on a small machine), each is saved once and loaded back for its
+turns (`--swap_models`).
 
     python benchmarks/bench_model.py --presets tiny --output benchmarks/results/bench_model_cpu_tiny.json
     python benchmarks/bench_model.py --presets 182m --batch_size 2 --transformers_implementations eager grouped_mm
     python benchmarks/bench_model.py --presets 182m --autocast bf16   # fp32 weights, bf16 autocast (Trainer bf16: true)
+    python benchmarks/bench_model.py --presets tiny --gemm_limit      # + GFLOP/s as a fraction of the matmul limit
+    python benchmarks/bench_model.py --presets tiny --keep_freed_memory   # glibc keeps freed memory, as `remoe train`
 """
 
 from __future__ import annotations
@@ -31,12 +38,22 @@ from pathlib import Path
 import psutil
 import torch
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from remoe import ReMoEConfig, ReMoEForCausalLM
 from remoe.configuration import load_preset
 from remoe.kernels import IMPLEMENTATIONS as REMOE_IMPLEMENTATIONS
+from remoe.modeling_remoe import CACHE_NAME
+from remoe.training.allocator import keep_freed_memory
 
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -125,10 +142,29 @@ def build_models(dims: dict, vocab_size: int) -> dict[str, Callable[[], torch.nn
     }
 
 
-def calibrate_to_target(model: ReMoEForCausalLM, tokens: torch.Tensor, max_steps: int, tolerance: float) -> int:
+def trainer_optimizer(model: torch.nn.Module, device: torch.device, optim: str | None = None, lr: float = 0.0):
+    """The optimizer `transformers.Trainer` builds for `model` with default `TrainingArguments` (or `optim`): its class
+    and arguments from `Trainer.get_optimizer_cls_and_kwargs`, at learning rate `lr` (0: the same work, weights
+    stay)."""
+    with tempfile.TemporaryDirectory(prefix="bench_model_args_") as output_dir:
+        options = {"optim": optim} if optim else {}
+        args = TrainingArguments(output_dir=output_dir, use_cpu=device.type == "cpu", report_to="none", **options)
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return optimizer_class(model.parameters(), **{**kwargs, "lr": lr})
+
+
+def trainer_optimizer_name(optim: str | None) -> str:
+    with tempfile.TemporaryDirectory(prefix="bench_model_args_") as output_dir:
+        options = {"optim": optim} if optim else {}
+        return str(TrainingArguments(output_dir=output_dir, use_cpu=True, report_to="none", **options).optim.value)
+
+
+def calibrate_to_target(
+    model: ReMoEForCausalLM, tokens: torch.Tensor, max_steps: int, tolerance: float, optim: str | None = None
+) -> int:
     """Train with the controller until the step sparsity stays within `tolerance` of the target (stage III)."""
     model.controller.l1_coef.fill_(1e-3)  # skip most of stage I: the controller starts near its working range
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = trainer_optimizer(model, tokens.device, optim, lr=3e-3)
     model.train()
     inside = 0
     for step in range(1, max_steps + 1):
@@ -145,12 +181,12 @@ def calibrate_to_target(model: ReMoEForCausalLM, tokens: torch.Tensor, max_steps
 def _greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Seconds spent decoding `new_tokens` one at a time with the KV cache after the prompt (prefill excluded)."""
     output = model(prompt, use_cache=True)
-    past_key_values, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    cache, next_token = getattr(output, CACHE_NAME), output.logits[:, -1:].argmax(-1)
     _sync(prompt.device)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        output = model(next_token, past_key_values=past_key_values, use_cache=True)
-        past_key_values, next_token = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        output = model(next_token, **{CACHE_NAME: cache}, use_cache=True)  # the installed release's argument name
+        cache, next_token = getattr(output, CACHE_NAME), output.logits[:, -1:].argmax(-1)
     _sync(prompt.device)
     return time.perf_counter() - start
 
@@ -170,8 +206,11 @@ class ModelUnderTest:
         implementations: list[str],
         swap_dir: Path | None,
         autocast: torch.dtype | None = None,
+        optim: str | None = None,
     ):
         self.name, self.implementations, self.model_class = name, list(implementations), type(model)
+        self.optim = optim  # TrainingArguments.optim (None: its default)
+        self.train_flops: int | None = None  # matmul FLOPs of one training step (counted once, on "eager" experts)
         self.autocast = autocast  # forwards under torch.autocast with this dtype (the Trainer's bf16/fp16)
         self.model: torch.nn.Module | None = model
         self.optimizer: torch.optim.Optimizer | None = None
@@ -195,7 +234,7 @@ class ModelUnderTest:
         if self.model is None:
             self.model = self.model_class.from_pretrained(self.swap_path).to(tokens.device)
         if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.0)  # same work as training, weights stay
+            self.optimizer = trainer_optimizer(self.model, tokens.device, self.optim)  # lr 0: same work, weights stay
             for implementation in self.working_implementations:
                 try:
                     self.train_step(implementation, tokens)
@@ -223,6 +262,19 @@ class ModelUnderTest:
         if isinstance(self.model, ReMoEForCausalLM):
             self.experts_per_token[implementation].append(self.model.update_l1_coef()["remoe/experts_per_token"])
 
+    def count_train_flops(self, tokens: torch.Tensor) -> None:
+        """The matmul FLOPs of one training step's forward and backward (the optimizer step has none), counted with
+        the "eager" experts (only the routed pairs are computed, so every implementation is credited the same work)."""
+        implementation = "eager" if "eager" in self.working_implementations else self.working_implementations[0]
+        self.model.set_experts_implementation(implementation)
+        self.model.train()
+        with FlopCounterMode(display=False) as counter:
+            with self._forward_context(tokens.device):
+                loss = self.model(tokens, labels=tokens).loss
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.train_flops = counter.get_total_flops()
+
     @torch.no_grad()
     def inference(self, implementation: str, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
         self.model.set_experts_implementation(implementation)
@@ -249,6 +301,9 @@ class ModelUnderTest:
                 "prefill_tokens_per_s": batch * length / median["prefill"],
                 "decode_tokens_per_s": batch * decode_tokens / median["decode"],
             }
+            if self.train_flops:
+                results[implementation]["train_flops_per_step"] = self.train_flops
+                results[implementation]["train_gflops"] = self.train_flops / median["train"] / 1e9
             results[implementation]["train_seconds_per_round"] = [
                 round(seconds, 4) for seconds in self.seconds[implementation]["train"]
             ]
@@ -276,6 +331,8 @@ def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, deco
                 model.inference(implementation, tokens, 2)
             except Exception as error:  # an implementation that does not run here is reported, not fatal
                 model.errors[implementation] = f"{type(error).__name__}: {error}"[:200]
+        if model.working_implementations:
+            model.count_train_flops(tokens)
         model.unload()
     for round_index in tqdm(range(repeats), desc="rounds", leave=False):
         for model in _rotated(models, round_index):
@@ -290,6 +347,67 @@ def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, deco
                 model.seconds[implementation]["prefill"].append(prefill)
                 model.seconds[implementation]["decode"].append(decode)
             model.unload()
+
+
+def expert_gemm_shapes(dims: dict, tokens: int) -> dict[str, tuple[int, int, int]]:
+    """(m, k, n) of the six matmuls of one expert in a training step at the mean tokens per expert: gate_up and down,
+    each forward (x @ W.T), input gradient (dy @ W) and weight gradient (dy.T @ x), laid out as autograd runs them."""
+    hidden, intermediate = dims["hidden_size"], dims["intermediate_size"]
+    per_expert = max(1, round(tokens * dims["num_experts_per_tok"] / dims["num_experts"]))
+    return {
+        "gate_up_forward": (per_expert, hidden, 2 * intermediate),
+        "gate_up_input_grad": (per_expert, 2 * intermediate, hidden),
+        "gate_up_weight_grad": (2 * intermediate, per_expert, hidden),
+        "down_forward": (per_expert, intermediate, hidden),
+        "down_input_grad": (per_expert, hidden, intermediate),
+        "down_weight_grad": (hidden, per_expert, intermediate),
+    }
+
+
+def _matmul_operands(m: int, k: int, n: int, name: str, device: torch.device, dtype: torch.dtype):
+    """Operands with the strides autograd hands to the matmul: a weight used transposed (forward), an activation
+    transposed for the weight gradient."""
+    if name.endswith("forward"):
+        return torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype).t()
+    if name.endswith("weight_grad"):
+        return torch.randn(k, m, device=device, dtype=dtype).t(), torch.randn(k, n, device=device, dtype=dtype)
+    return torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+
+
+def measure_gemm_limit(
+    dims: dict, tokens: int, device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.2
+) -> dict:
+    """The machine's matmul rate at the experts' GEMM shapes: each shape timed (median of 5 runs of at least
+    `seconds / 5` each), and the limit as all six shapes' FLOPs over their summed time (one expert's training step)."""
+    shapes, rates, total_flops, total_seconds = expert_gemm_shapes(dims, tokens), {}, 0.0, 0.0
+    for name, (m, k, n) in shapes.items():
+        a, b = _matmul_operands(m, k, n, name, device, dtype)
+        for _ in range(3):
+            torch.matmul(a, b)
+        _sync(device)
+        start, calls = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 10:
+            torch.matmul(a, b)
+            calls += 1
+        _sync(device)
+        calls = max(1, calls * 2)
+        timings = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                torch.matmul(a, b)
+            _sync(device)
+            timings.append((time.perf_counter() - start) / calls)
+        per_call = statistics.median(timings)
+        flops = 2 * m * k * n
+        rates[name] = {"m": m, "k": k, "n": n, "gflops": flops / per_call / 1e9}
+        total_flops, total_seconds = total_flops + flops, total_seconds + per_call
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "tokens_per_expert": shapes["gate_up_forward"][0],
+        "gflops": total_flops / total_seconds / 1e9,
+        "shapes": rates,
+    }
 
 
 def training_bytes(build: Callable[[], torch.nn.Module]) -> int:
@@ -324,19 +442,30 @@ def run(args) -> list[dict]:
                 torch.manual_seed(0)
                 model = build().to(device)
                 if name == "remoe-relu":
-                    calibration_steps = calibrate_to_target(model, tokens, args.calibration_steps, tolerance=0.02)
+                    calibration_steps = calibrate_to_target(
+                        model, tokens, args.calibration_steps, tolerance=0.02, optim=args.optim
+                    )
                 implementations = list(args.transformers_implementations)
                 if name.startswith("remoe") and device.type == "cuda" and "triton" in REMOE_IMPLEMENTATIONS:
                     implementations.append("triton")
                 swap_dir = Path(swap_root) if swap else None
                 models.append(
-                    ModelUnderTest(name, model, implementations, swap_dir, AUTOCAST_DTYPES.get(args.autocast))
+                    ModelUnderTest(
+                        name, model, implementations, swap_dir, AUTOCAST_DTYPES.get(args.autocast), args.optim
+                    )
                 )
                 del model
             measure_round_robin(models, tokens, args.decode_tokens, args.repeats)
+        limit = None
+        if args.gemm_limit:
+            limit = measure_gemm_limit(dims, tokens.numel(), device, AUTOCAST_DTYPES.get(args.autocast, torch.float32))
+            args.gemm_limits[preset] = limit
+            print(_format_limit_row(preset, limit), flush=True)
         for model in models:
             for implementation, result in model.results(tokens, args.decode_tokens).items():
                 row = {"preset": preset, "model": model.name, "experts": implementation, "swapped": swap, **result}
+                if limit is not None and "train_gflops" in row:
+                    row["fraction_of_gemm_limit"] = row["train_gflops"] / limit["gflops"]
                 if model.name == "remoe-relu":
                     row["calibration_steps"] = calibration_steps
                 rows.append(row)
@@ -348,11 +477,20 @@ def _format_row(row: dict) -> str:
     if "error" in row:
         return f"{row['preset']:>6} {row['model']:<11} {row['experts']:<11} {row['error']}"
     experts = f"{row['experts_per_token']:.2f}" if "experts_per_token" in row else "-"
+    gflops = f"{row['train_gflops']:.1f}" if "train_gflops" in row else "-"
+    fraction = f"{row['fraction_of_gemm_limit']:.1%}" if "fraction_of_gemm_limit" in row else "-"
     return (
         f"{row['preset']:>6} {row['model']:<11} {row['experts']:<11} {row['train_tokens_per_s']:>10.0f} "
         f"{row['train_peak_mib']:>9.0f} {row['prefill_tokens_per_s']:>11.0f} {row['decode_tokens_per_s']:>10.1f} "
-        f"{experts:>8}"
+        f"{experts:>8} {gflops:>8} {fraction:>8}"
     )
+
+
+def _format_limit_row(preset: str, limit: dict) -> str:
+    """The GEMM limit as a row of the table: its GFLOP/s under the models' training-step GFLOP/s."""
+    label = f"m={limit['tokens_per_expert']} {limit['dtype']}"
+    blank = f"{'':>10} {'':>9} {'':>11} {'':>10} {'':>8}"
+    return f"{preset:>6} {'gemm-limit':<11} {label:<11} {blank} {limit['gflops']:>8.1f} {'100%':>8}"
 
 
 def main() -> None:
@@ -386,14 +524,35 @@ def main() -> None:
         choices=sorted(AUTOCAST_DTYPES),
         help="timed forwards under torch.autocast with this dtype, weights in fp32 (as the Trainer's bf16/fp16)",
     )
+    parser.add_argument(
+        "--optim",
+        help="TrainingArguments.optim of the timed optimizer step (default: the Trainer's, "
+        f"{trainer_optimizer_name(None)})",
+    )
+    parser.add_argument(
+        "--gemm_limit",
+        action="store_true",
+        help="also measure the machine's matmul GFLOP/s at the experts' GEMM shapes and report each training step's "
+        "GFLOP/s as a fraction of it",
+    )
+    parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="apply remoe.training.allocator.keep_freed_memory() first, as `remoe train` does (default: glibc's "
+        "defaults, every freed multi-MB buffer handed back to the OS)",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")
     args = parser.parse_args()
+    malloc = keep_freed_memory() if args.keep_freed_memory else {}
+    args.gemm_limits = {}
 
     print(
         f"{'preset':>6} {'model':<11} {'experts':<11} {'train tok/s':>10} {'peak MiB':>9} {'prefill tok/s':>11} "
-        f"{'decode tok/s':>10} {'experts/tok':>8}"
+        f"{'decode tok/s':>10} {'experts/tok':>8} {'GFLOP/s':>8} {'of limit':>8}"
     )
     rows = run(args)
+    gemm_limits = args.gemm_limits
+    del args.gemm_limits
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     output = Path(args.output or f"benchmarks/results/bench_model_{torch.device(args.device).type}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -401,8 +560,12 @@ def main() -> None:
         "device": device_name,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimizer": trainer_optimizer_name(args.optim),
+        "malloc": malloc,
         "settings": {key: value for key, value in vars(args).items() if key != "output"},
         "results": rows,
+        **({"gemm_limit": gemm_limits} if gemm_limits else {}),
     }
     output.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {output}")

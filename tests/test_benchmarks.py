@@ -41,6 +41,49 @@ def test_bench_model_reports_every_contestant(tmp_path, swap_models):
     assert rows[("remoe-relu", "eager")]["calibration_steps"] in (1, 2)
 
 
+def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_path):
+    """The timed optimizer is the one `Trainer` builds by default; `--gemm_limit` adds the machine's matmul rate at the
+    experts' shapes as a table row, and every model row its exact training FLOPs, GFLOP/s and fraction of the limit."""
+    from transformers import TrainingArguments
+
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump({"model": TINY_DIMS}))
+    output = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--presets", str(preset)]
+    command += ["--batch_size", "2", "--seq_len", "16", "--decode_tokens", "2", "--repeats", "1"]
+    command += ["--calibration_steps", "1", "--vocab_size", "64", "--device", "cpu", "--swap_models", "never"]
+    command += ["--models", "remoe-relu", "mixtral", "--transformers_implementations", "eager", "grouped_mm"]
+    command += ["--gemm_limit", "--keep_freed_memory", "--output", str(output)]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    payload = json.loads(output.read_text())
+    assert payload["optimizer"] == TrainingArguments(output_dir=str(tmp_path / "args"), use_cpu=True).optim.value
+    assert payload["settings"]["keep_freed_memory"] is True and isinstance(payload["malloc"], dict)
+    limit = payload["gemm_limit"][str(preset)]
+    tokens_per_expert = 2 * 16 * TINY_DIMS["num_experts_per_tok"] // TINY_DIMS["num_experts"]
+    hidden, intermediate = TINY_DIMS["hidden_size"], TINY_DIMS["intermediate_size"]
+    assert limit["tokens_per_expert"] == tokens_per_expert and limit["dtype"] == "float32" and limit["gflops"] > 0
+    shape = limit["shapes"]["gate_up_forward"]
+    assert (shape["m"], shape["k"], shape["n"]) == (tokens_per_expert, hidden, 2 * intermediate)
+    assert len(limit["shapes"]) == 6 and all(shape["gflops"] > 0 for shape in limit["shapes"].values())
+    assert any(line.split()[1:2] == ["gemm-limit"] for line in completed.stdout.splitlines()), completed.stdout
+
+    rows = {(row["model"], row["experts"]): row for row in payload["results"]}
+    assert set(rows) == {(model, experts) for model in ("remoe-relu", "mixtral") for experts in ("eager", "grouped_mm")}
+    # at least the attention projections and the LM head: 6 FLOPs per weight per token (forward and backward)
+    heads = TINY_DIMS["num_attention_heads"]
+    head_dim = hidden // heads
+    attention = hidden * head_dim * (2 * heads + 2 * TINY_DIMS["num_key_value_heads"])
+    floor = 6 * 2 * 16 * (TINY_DIMS["num_hidden_layers"] * attention + hidden * 64)
+    for model in ("remoe-relu", "mixtral"):
+        flops = {rows[(model, experts)]["train_flops_per_step"] for experts in ("eager", "grouped_mm")}
+        assert len(flops) == 1 and flops.pop() >= floor  # counted once per model, credited to every implementation
+    for row in rows.values():
+        assert row["train_gflops"] == pytest.approx(row["train_flops_per_step"] * row["train_tokens_per_s"] / 32 / 1e9)
+        assert row["fraction_of_gemm_limit"] == pytest.approx(row["train_gflops"] / limit["gflops"])
+
+
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
     """`benchmarks/gpu_check.sh --dry_run`: the GPU check's steps on CPU with tiny shapes, each result as JSON."""
     output = tmp_path / "gpu_check"
