@@ -12,6 +12,17 @@ offsets, some tokens with no expert), plus a TopK k=2 case (softmax, top-2, no r
     python benchmarks/bench_experts.py --output results.json
     TRITON_INTERPRET=1 python benchmarks/bench_experts.py --device cpu --shapes dry_run --implementations triton dense
 
+    python benchmarks/bench_experts.py --remote_code --compare_model_dir OLD_DIR   # the Hub path without `remoe`
+
+`--remote_code` times what a Hub user without `remoe` runs: the shipped `modeling_remoe.py` imported as a standalone
+copy with `remoe` blocked, its default experts implementation (and `eager`) through the MoE block's ReLU path, against
+`remoe.kernels` `grouped_mm` and `eager`: a training step (forward + backward, T=512, H=768, I=3072, E=8 and 32) and
+decoding (a no-grad forward of `--decode_tokens` tokens that use an expert, default 1, at that size and at the tiny
+preset's H=128, I=256), round-robin in one process, medians and median per-round ratios; plus the matmuls per
+decoding call (aten mm / addmm / bmm, also those inside `grouped_mm`'s CPU kernel). `--compare_model_dir DIR` adds
+another copy of the model files (e.g. an older commit's) as a contestant. Writes
+`benchmarks/results/bench_experts_remote_code_<device>.json`.
+
 `--shapes goal` is the issue's goal shape (T=16k, E=8, mean k=1, H=768, I=3072) and a large one (H=4096, I=16384);
 `dry_run` one toy shape for CPU (the Triton interpreter is slow). An implementation that fails is reported with its
 error, not fatal.
@@ -299,6 +310,201 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
 
 
+def import_remote_code(model_dir: Path, package: str):
+    """`model_dir`'s `modeling_remoe.py` and `configuration_remoe.py` imported as the package `package`, the way
+    Transformers imports Hub remote code, with every `remoe` module blocked (as where `remoe` is not installed)."""
+    import importlib
+    import shutil
+    import sys
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="remoe_remote_")) / package
+    folder.mkdir()
+    for name in ("modeling_remoe.py", "configuration_remoe.py"):
+        shutil.copy(model_dir / name, folder / name)
+    (folder / "__init__.py").write_text("")
+    hidden = {name: module for name, module in sys.modules.items() if name == "remoe" or name.startswith("remoe.")}
+    sys.modules.update(dict.fromkeys(hidden))  # None: `import remoe...` raises ImportError
+    sys.path.insert(0, str(folder.parent))
+    try:
+        modeling = importlib.import_module(f"{package}.modeling_remoe")
+    finally:
+        sys.path.remove(str(folder.parent))
+        for name in hidden:
+            del sys.modules[name]
+        sys.modules.update(hidden)
+    if "triton" in modeling.REMOE_EXPERTS_FUNCTIONS:
+        raise RuntimeError("the remote-code copy imported remoe.kernels")
+    return modeling, importlib.import_module(f"{package}.configuration_remoe")
+
+
+def count_matmuls(fn: Callable[[], object]) -> int:
+    """aten mm / addmm / bmm calls of one `fn()`, including those inside `grouped_mm`'s CPU kernel."""
+    from torch.profiler import profile
+
+    with profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(event.count for event in prof.key_averages() if event.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+
+
+def _remote_code_shape(
+    shape: Shape, train_step: bool, contestants_code: dict, args: argparse.Namespace, rounds: int, report: dict
+) -> None:
+    """One `--remote_code` shape (decoding only unless `train_step`), rows appended to `report['results']`. Ratios
+    are medians over the rounds of each round's ratio to remoe.kernels' grouped_mm (robust to the load drifting)."""
+    experts = shape.experts
+    device, decode_tokens = torch.device(args.device), args.decode_tokens
+    decode_calls = 10 if shape.hidden >= 768 else 100
+    # One set of leaves for every contestant (the experts modules hold the same Parameters), gradients dropped after
+    # each step: one copy of the weights and their gradients in memory, whoever runs.
+    hidden_states, gates, gate_up_proj, down_proj = make_inputs(shape, torch.float32, device)
+    gate_up_proj, down_proj = torch.nn.Parameter(gate_up_proj.detach()), torch.nn.Parameter(down_proj.detach())
+    leaves = (hidden_states, gates, gate_up_proj, down_proj)
+    grad_output = torch.randn(shape.tokens, shape.hidden, device=device)
+    routed = (gates.detach() != 0).any(dim=1).nonzero().flatten()[:decode_tokens]  # tokens that use an expert
+    decode_states, decode_gates = hidden_states.detach()[routed], gates.detach()[routed]
+    contestants = {}
+    for name, implementation in (("remoe.kernels", "grouped_mm"), ("remoe.kernels", "eager")):
+
+        def train(implementation=implementation):
+            sparse_moe_mlp(*leaves, implementation=implementation).backward(grad_output)
+            for leaf in leaves:
+                leaf.grad = None
+
+        def decode(implementation=implementation):
+            with torch.no_grad():
+                sparse_moe_mlp(decode_states, decode_gates, gate_up_proj, down_proj, implementation=implementation)
+
+        contestants[(name, implementation)] = (train, decode)
+    for code_name, (modeling, configuration) in contestants_code.items():
+        config = configuration.ReMoEConfig(
+            hidden_size=shape.hidden,
+            intermediate_size=shape.ffn,
+            num_experts=experts,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+        )
+        tiny = configuration.ReMoEConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_experts=experts,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_hidden_layers=1,
+        )
+        default = modeling.ReMoEForCausalLM(tiny).config._experts_implementation  # what from_pretrained picks
+        for implementation in dict.fromkeys((default, "eager")):
+            layer_config = config.__class__.from_dict(config.to_dict())
+            layer_config._experts_implementation = implementation
+            module = modeling.ReMoEExperts(layer_config).to(device)
+            module.gate_up_proj, module.down_proj = gate_up_proj, down_proj  # the same Parameters
+
+            def train(modeling=modeling, module=module):
+                modeling.experts_over_active_pairs(module, hidden_states, gates).backward(grad_output)
+                for leaf in leaves:
+                    leaf.grad = None
+
+            def decode(modeling=modeling, module=module):
+                with torch.no_grad():
+                    modeling.experts_over_active_pairs(module, decode_states, decode_gates)
+
+            label = f"remote code{'' if code_name == 'remote' else ' ' + str(args.compare_model_dir)}"
+            label += " (default)" if implementation == default else ""
+            contestants[(label[:34], implementation)] = (train, decode)
+    times = {key: ([], []) for key in contestants}
+    if not train_step:
+        contestants = {key: (None, decode) for key, (_, decode) in contestants.items()}
+    for train, decode in contestants.values():  # warmup
+        if train is not None:
+            train()
+        decode()
+    for round_index in range(rounds):
+        keys = list(contestants)
+        keys = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]  # rotating order
+        for key in keys:
+            train, decode = contestants[key]
+            if train is not None:
+                start = time.perf_counter()
+                train()
+                times[key][0].append((time.perf_counter() - start) * 1e3)
+            start = time.perf_counter()
+            for _ in range(decode_calls):
+                decode()
+            times[key][1].append((time.perf_counter() - start) * 1e3 / decode_calls)
+    reference_train, reference_decode = times[("remoe.kernels", "grouped_mm")]
+
+    def ratio(values: list[float], reference: list[float]) -> float | None:
+        return statistics.median(a / b for a, b in zip(values, reference, strict=True)) if values else None
+
+    for key, (train_times, decode_times) in times.items():
+        row = {
+            "shape": f"H={shape.hidden} I={shape.ffn} E={experts} T=512"
+            if train_step
+            else f"H={shape.hidden} I={shape.ffn} E={experts}",
+            "num_experts": experts,
+            "hidden": shape.hidden,
+            "intermediate": shape.ffn,
+            "contestant": key[0],
+            "implementation": key[1],
+            "train_step_ms": statistics.median(train_times) if train_times else None,
+            "train_step_vs_remoe_grouped_mm": ratio(train_times, reference_train),
+            "decode_ms": statistics.median(decode_times),
+            "decode_vs_remoe_grouped_mm": ratio(decode_times, reference_decode),
+            "decode_matmuls": count_matmuls(contestants[key][1]),
+            "train_step_ms_all": train_times,
+            "decode_ms_all": decode_times,
+        }
+        report["results"].append(row)
+        train = (
+            f"{row['train_step_ms']:>9.1f} {row['train_step_vs_remoe_grouped_mm']:>6.2f}x"
+            if train_times
+            else f"{'-':>9} {'-':>7}"
+        )
+        print(
+            f"{row['shape']:<24} {key[0]:<34} {key[1]:<11} {train} {row['decode_ms']:>9.3f} "
+            f"{row['decode_vs_remoe_grouped_mm']:>6.2f}x {row['decode_matmuls']:>6}",
+            flush=True,
+        )
+
+
+def remote_code_benchmark(args: argparse.Namespace) -> dict:
+    """The remote-code default against remoe.kernels' grouped_mm (see the module docstring, `--remote_code`)."""
+    device = torch.device(args.device)
+    contestants_code = {"remote": import_remote_code(Path(__file__).parents[1] / "modeling_remoe", "remote_remoe")}
+    if args.compare_model_dir:
+        contestants_code["compare"] = import_remote_code(args.compare_model_dir, "compare_remoe")
+    rounds = args.repeats or 9
+    report = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "decode_tokens": args.decode_tokens,
+        "results": [],
+    }
+    print(f"# {report['device']}, torch {torch.__version__}, fp32, {torch.get_num_threads()} threads, {rounds} rounds")
+    print(
+        f"# train: T=512 forward+backward; decode: no-grad forward of {args.decode_tokens} token(s); ratio: median of"
+    )
+    print("# per-round ratios to remoe.kernels grouped_mm; mm: aten matmuls per decode call (also inside grouped_mm)")
+    header = (
+        f"{'shape':<24} {'contestant':<34} {'impl':<11} {'train ms':>9} {'ratio':>7} {'decode ms':>9} {'ratio':>7} "
+        f"{'mm':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for experts in (8, 32):
+        _remote_code_shape(Shape(512, experts, 1, "relu"), True, contestants_code, args, rounds, report)
+    for experts in (8, 32):  # the tiny preset's layer size: decoding is dominated by per-matmul overhead
+        shape = Shape(512, experts, 1, "relu", hidden=128, ffn=256)
+        _remote_code_shape(shape, False, contestants_code, args, rounds, report)
+    output = args.output or Path(__file__).parent / "results" / f"bench_experts_remote_code_{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"# wrote {output}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -322,9 +528,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--statistic", choices=["median", "min"], help="default: median on CUDA, min on CPU (noisier)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--output", type=Path, help="default: benchmarks/results/bench_experts_<device>.json")
+    parser.add_argument(
+        "--remote_code",
+        action="store_true",
+        help="the Hub remote-code path (model files without remoe) against remoe.kernels; --repeats = rounds (7)",
+    )
+    parser.add_argument(
+        "--compare_model_dir", type=Path, help="with --remote_code: another folder of model files to time as well"
+    )
+    parser.add_argument(
+        "--decode_tokens", type=int, default=1, help="with --remote_code: tokens per decoding call (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.remote_code:
+        return remote_code_benchmark(args)
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"

@@ -90,31 +90,74 @@ def grouped_mm_sparse_moe_mlp(
     plan = build_dispatch_plan(gates)
     rows = hidden_states[plan.token_idx]
     gate_up = F.grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=plan.offsets)
-    expert_out = F.grouped_mm(_swiglu(gate_up).contiguous(), down_proj.transpose(1, 2), offs=plan.offsets)
-    weighted = expert_out * plan.weights.to(expert_out.dtype)[:, None]
+    activation = _swiglu(gate_up)
+    weights = plan.weights.to(activation.dtype)[:, None]
+    if down_proj.shape[-1] < down_proj.shape[-2]:  # the gate on the smaller tensor: (P, I) here, not (P, H)
+        weighted = F.grouped_mm((activation * weights).contiguous(), down_proj.transpose(1, 2), offs=plan.offsets)
+    else:
+        weighted = F.grouped_mm(activation.contiguous(), down_proj.transpose(1, 2), offs=plan.offsets) * weights
     output = hidden_states.new_zeros(hidden_states.shape, dtype=output_dtype)
     return output.index_add_(0, plan.token_idx, weighted.to(output_dtype))
+
+
+class ExpertsLinear(torch.autograd.Function):
+    """`rows (P, in)` grouped by expert (`counts[e]` rows for expert e, in order) times `weight (E, out, in)`:
+    `(P, out)`, one matmul per expert with rows and none for the others. Backward writes every expert's weight
+    gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking afterwards. (The model file
+    has the same class: it is also Hub remote code and cannot import this package.)"""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        output = rows.new_empty(rows.shape[0], weight.shape[1])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
+                start += count
+        ctx.save_for_backward(rows, weight)
+        ctx.counts = counts
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        start = 0
+        for expert, count in enumerate(ctx.counts):
+            if count:
+                grad = grad_output[start : start + count]
+                if grad_rows is not None:
+                    torch.mm(grad, weight[expert], out=grad_rows[start : start + count])
+                if grad_weight is not None:
+                    torch.mm(grad.t(), rows[start : start + count], out=grad_weight[expert])
+                start += count
+        return grad_rows, grad_weight, None
 
 
 def looped_sparse_moe_mlp(
     hidden_states: torch.Tensor, gates: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
 ) -> torch.Tensor:
-    """Sparse expert MLP as a loop over the experts that received tokens (the reference path)."""
+    """Sparse expert MLP as a loop over the experts that received tokens (the reference path).
+
+    The pairs are gathered once, in expert order; `ExpertsLinear` runs one matmul per expert with tokens (none for
+    the others) and fills one weight-gradient buffer in backward instead of one per expert. The gate multiplies the
+    smaller of the `(P, I)` activation and the `(P, H)` output."""
+    output_dtype = hidden_states.dtype
     plan = build_dispatch_plan(gates)
     output = torch.zeros_like(hidden_states)
-    # One unbind instead of E indexing ops: their backward would allocate a full-size weight gradient per expert.
-    gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
-    start = 0
-    for expert, end in enumerate(plan.offsets.tolist()):
-        if end == start:
-            continue
-        token_idx = plan.token_idx[start:end]
-        gate_up = F.linear(hidden_states[token_idx], gate_up_weights[expert])
-        expert_out = F.linear(_swiglu(gate_up), down_weights[expert])
-        weighted = expert_out * plan.weights[start:end].to(expert_out.dtype)[:, None]
-        output.index_add_(0, token_idx, weighted.to(output.dtype))
-        start = end
-    return output
+    if plan.token_idx.numel() == 0:
+        return output
+    counts = torch.diff(plan.offsets, prepend=plan.offsets.new_zeros(1)).tolist()
+    rows, gate_up_proj, down_proj = autocast_operands(hidden_states[plan.token_idx], gate_up_proj, down_proj)
+    rows = rows.to(gate_up_proj.dtype)
+    activation = _swiglu(ExpertsLinear.apply(rows, gate_up_proj, counts))
+    weights = plan.weights.to(activation.dtype)[:, None]
+    if down_proj.shape[-1] < down_proj.shape[-2]:  # the gate on the smaller tensor: (P, I) here, not (P, H)
+        weighted = ExpertsLinear.apply(activation * weights, down_proj, counts)
+    else:
+        weighted = ExpertsLinear.apply(activation, down_proj, counts) * weights
+    return output.index_add_(0, plan.token_idx, weighted.to(output_dtype))
 
 
 def batched_mm_sparse_moe_mlp(
@@ -125,8 +168,11 @@ def batched_mm_sparse_moe_mlp(
     plan = build_dispatch_plan(gates)
     rows = hidden_states[plan.token_idx]
     gate_up = torch.bmm(gate_up_proj[plan.expert_idx], rows.unsqueeze(-1)).squeeze(-1)
-    expert_out = torch.bmm(down_proj[plan.expert_idx], _swiglu(gate_up).unsqueeze(-1)).squeeze(-1)
-    weighted = expert_out * plan.weights.to(expert_out.dtype)[:, None]
+    activation, weights = _swiglu(gate_up), plan.weights.to(gate_up.dtype)[:, None]
+    if down_proj.shape[-1] < down_proj.shape[-2]:  # the gate on the smaller tensor: (P, I) here, not (P, H)
+        weighted = torch.bmm(down_proj[plan.expert_idx], (activation * weights).unsqueeze(-1)).squeeze(-1)
+    else:
+        weighted = torch.bmm(down_proj[plan.expert_idx], activation.unsqueeze(-1)).squeeze(-1) * weights
     return torch.zeros_like(hidden_states).index_add_(0, plan.token_idx, weighted.to(hidden_states.dtype))
 
 

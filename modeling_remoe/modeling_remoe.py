@@ -241,6 +241,108 @@ class ReMoERouter(nn.Module):
         return router_logits, gates.to(hidden_states.dtype)
 
 
+class ExpertsLinear(torch.autograd.Function):
+    """`rows (P, in)` grouped by expert (`counts[e]` rows for expert e, in order) times `weight (E, out, in)`:
+    `(P, out)`, one matmul per expert with rows and none for the others. Backward writes every expert's weight
+    gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking afterwards."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        output = rows.new_empty(rows.shape[0], weight.shape[1])
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
+                start += count
+        ctx.save_for_backward(rows, weight)
+        ctx.counts = counts
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        rows, weight = ctx.saved_tensors
+        grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        start = 0
+        for expert, count in enumerate(ctx.counts):
+            if count:
+                grad = grad_output[start : start + count]
+                if grad_rows is not None:
+                    torch.mm(grad, weight[expert], out=grad_rows[start : start + count])
+                if grad_weight is not None:
+                    torch.mm(grad.t(), rows[start : start + count], out=grad_weight[expert])
+                start += count
+        return grad_rows, grad_weight, None
+
+
+def _experts_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`ExpertsLinear` with the operands `F.linear` would compute with under autocast (its `torch.mm(out=...)` calls
+    have no autocast rule); without gradients, its forward alone."""
+    device_type = rows.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        rows, weight = (t.to(dtype) if t.dtype != torch.float64 else t for t in (rows, weight))
+    elif rows.dtype != weight.dtype:
+        rows = rows.to(weight.dtype)
+    if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+        return ExpertsLinear.apply(rows, weight, counts)
+    if len(counts) - counts.count(0) == 1:  # one expert (a decoded token): one plain matmul
+        return F.linear(rows, weight[next(e for e, count in enumerate(counts) if count)])
+    output = rows.new_empty(rows.shape[0], weight.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
+            start += count
+    return output
+
+
+def eager_experts_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The `eager` experts: a loop over the experts that received at least one row, with Transformers' experts
+    contract (rows `(R, H)` routed to `top_k_index (R, K)` with `top_k_weights (R, K)`; an index of `num_experts` or
+    more, expert parallelism's sentinel, contributes nothing). `module` holds `gate_up_proj (E, 2I, H)` and
+    `down_proj (E, H, I)`.
+
+    The (row, expert) pairs are sorted by expert once (not at all when they already are, as the ReLU pairs of
+    `experts_over_active_pairs`) and gathered once; `ExpertsLinear` runs one matmul per expert with rows, none for the
+    others (a decoded token runs 2 per expert it uses), and backward fills one weight-gradient buffer instead of one
+    per expert. The gate multiplies the smaller of the `(rows, I)` activation and the `(rows, H)` output (the same
+    value: `down_proj` is linear)."""
+    num_experts = module.num_experts
+    top_k = top_k_index.shape[-1]
+    expert_idx = top_k_index.reshape(-1).clamp(max=num_experts)  # every sentinel becomes `num_experts`
+    with torch.no_grad():
+        if top_k == 1 and bool((expert_idx[1:] >= expert_idx[:-1]).all()):
+            order = None  # rows already grouped by expert
+        else:
+            order = torch.sort(expert_idx, stable=True).indices
+        sorted_experts = expert_idx if order is None else expert_idx[order]
+        counts = torch.bincount(sorted_experts, minlength=num_experts + 1)[:num_experts].tolist()
+    num_pairs = sum(counts)  # sentinel pairs sort last and are left out
+    if num_pairs == 0:
+        return torch.zeros_like(hidden_states)
+    if order is None:
+        pair_rows = None if num_pairs == len(hidden_states) else torch.arange(num_pairs, device=hidden_states.device)
+        rows, pair_weights = hidden_states[:num_pairs], top_k_weights.reshape(-1)[:num_pairs]
+    else:
+        order = order[:num_pairs]
+        pair_rows = order // top_k
+        rows, pair_weights = hidden_states[pair_rows], top_k_weights.reshape(-1)[order]
+    gate, up = _experts_linear(rows, module.gate_up_proj, counts).chunk(2, dim=-1)
+    activation = module.act_fn(gate) * up
+    pair_weights = pair_weights.to(activation.dtype)[:, None]
+    if module.down_proj.shape[-1] < module.down_proj.shape[-2]:  # I < H: the gate on the (rows, I) activation
+        pair_outputs = _experts_linear(activation * pair_weights, module.down_proj, counts)
+    else:
+        pair_outputs = _experts_linear(activation, module.down_proj, counts) * pair_weights
+    if order is None and num_pairs == len(hidden_states):  # one row per pair, in order: the pair outputs themselves
+        return pair_outputs.to(hidden_states.dtype)
+    final_hidden_states = torch.zeros_like(hidden_states)
+    return final_hidden_states.index_add_(0, pair_rows, pair_outputs.to(final_hidden_states.dtype))
+
+
 @use_experts_implementation(experts_interface=REMOE_EXPERTS_FUNCTIONS)
 class ReMoEExperts(nn.Module):
     """E SwiGLU experts stored as 3D tensors, with Mixtral's experts contract: `forward(hidden_states (R, H),
@@ -261,21 +363,35 @@ class ReMoEExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """`eager`: a loop over the experts that received at least one row."""
-        final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            # Index `num_experts` is the sentinel of expert parallelism (a row routed to another rank's expert).
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E + 1, K, R)
-            experts_hit = expert_mask[: self.num_experts].sum(dim=(-1, -2)).nonzero().flatten().tolist()
-        # One unbind instead of E indexing ops: their backward would allocate a full-size weight gradient per expert.
-        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        for expert_idx in experts_hit:
-            top_k_pos, row_idx = torch.where(expert_mask[expert_idx])
-            gate, up = F.linear(hidden_states[row_idx], gate_up_weights[expert_idx]).chunk(2, dim=-1)
-            expert_out = F.linear(self.act_fn(gate) * up, down_weights[expert_idx])
-            expert_out = expert_out * top_k_weights[row_idx, top_k_pos, None]
-            final_hidden_states.index_add_(0, row_idx, expert_out.to(final_hidden_states.dtype))
-        return final_hidden_states
+        """`eager`: a loop over the experts that received at least one row (`eager_experts_forward`)."""
+        return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
+    """Whether this call should run the loop over the experts with rows instead of `grouped_mm`: on CPU,
+    `grouped_mm` runs one matmul per expert whether it has rows or not, so when decoding (no gradients) with fewer
+    rows than experts (some experts necessarily have none), the loop does the same work minus the empty experts'
+    matmuls. Not under `torch.compile`, whose graphs keep the pair count symbolic."""
+    if (
+        torch.compiler.is_compiling()
+        or not isinstance(experts, ReMoEExperts)
+        or hidden_states.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or getattr(experts, "config", None) is None
+        or experts.config._experts_implementation != "grouped_mm"
+    ):
+        return False
+    return top_k_index.numel() < experts.num_experts
+
+
+def run_experts(
+    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts(hidden_states, top_k_index, top_k_weights)` through the configured experts implementation, except
+    that decoding on CPU skips the experts without rows (`_decode_runs_the_loop`; the result is the same)."""
+    if _decode_runs_the_loop(experts, hidden_states, top_k_index):
+        return eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
+    return experts(hidden_states, top_k_index, top_k_weights)
 
 
 class ReMoESparseMoeBlock(nn.Module):
@@ -291,7 +407,7 @@ class ReMoESparseMoeBlock(nn.Module):
         _, gates = self.router(hidden_states)
         if self.top_k is not None:
             top_k_weights, top_k_index = torch.topk(gates, self.top_k, dim=-1)
-            hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
+            hidden_states = run_experts(self.experts, hidden_states, top_k_index, top_k_weights)
         else:
             hidden_states = experts_over_active_pairs(self.experts, hidden_states, gates)
         return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
@@ -301,7 +417,9 @@ def experts_over_active_pairs(experts: nn.Module, hidden_states: torch.Tensor, g
     """`sum_e gates[:, e] * expert_e(hidden_states)` for gates (T, E) with any number of nonzeros per token: the
     experts get one row per nonzero (token, expert) pair (K = 1), and the outputs are summed back per token."""
     expert_idx, token_idx = (gates.detach() != 0).t().nonzero(as_tuple=True)  # pairs grouped by expert
-    pair_outputs = experts(hidden_states[token_idx], expert_idx[:, None], gates[token_idx, expert_idx, None])
+    pair_outputs = run_experts(
+        experts, hidden_states[token_idx], expert_idx[:, None], gates[token_idx, expert_idx, None]
+    )
     return torch.zeros_like(hidden_states).index_add_(0, token_idx, pair_outputs.to(hidden_states.dtype))
 
 
@@ -532,7 +650,12 @@ class ReMoEPreTrainedModel(PreTrainedModel):
             init.constant_(module.l1_coef, self.config.l1_coef_init)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Transformers' names (`eager`, `batched_mm`, `grouped_mm`, ...) and, with `remoe` installed, `triton`."""
+        """Transformers' names (`eager`, `batched_mm`, `grouped_mm`, ...) and, with `remoe` installed, `triton`.
+
+        Default: `grouped_mm` (Transformers' function: `torch.nn.functional.grouped_mm` where torch has it on the
+        device, else Transformers' loop over the experts with rows), with or without `remoe` installed; where
+        Transformers cannot read this module's source it falls back to `eager`, which also runs without per-expert
+        weight-gradient buffers."""
         if requested_experts not in (None, *experts_implementations()):
             raise ValueError(
                 f"`experts_implementation` must be one of {experts_implementations()} for ReMoE, "

@@ -170,7 +170,8 @@ def test_every_experts_implementation_name_runs_transformers_function_and_matche
     for name in CPU_IMPLEMENTATIONS[1:]:
         torch.testing.assert_close(results[name][0], logits, rtol=1e-5, atol=1e-5)
         for parameter_name, grad in grads.items():
-            torch.testing.assert_close(results[name][1][parameter_name], grad, rtol=1e-4, atol=1e-6)
+            # fp32 sums in a different order: one thread vs two moves single elements by ~2e-6
+            torch.testing.assert_close(results[name][1][parameter_name], grad, rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_experts_implementation_names_the_allowed_ones(make_config):
