@@ -241,6 +241,18 @@ class ReMoERouter(nn.Module):
         return router_logits, gates.to(hidden_states.dtype)
 
 
+def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """`(P, out)`: each expert's block of `rows` (grouped by expert, `counts[e]` rows) times `weight[e].T`, one matmul
+    per expert with rows."""
+    output = rows.new_empty(rows.shape[0], weight.shape[1])
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
+            start += count
+    return output
+
+
 class ExpertsLinear(torch.autograd.Function):
     """`rows (P, in)` grouped by expert (`counts[e]` rows for expert e, in order) times `weight (E, out, in)`:
     `(P, out)`, one matmul per expert with rows and none for the others. Backward writes every expert's weight
@@ -248,12 +260,7 @@ class ExpertsLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        output = rows.new_empty(rows.shape[0], weight.shape[1])
-        start = 0
-        for expert, count in enumerate(counts):
-            if count:
-                torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
-                start += count
+        output = _rows_times_experts(rows, weight, counts)
         ctx.save_for_backward(rows, weight)
         ctx.counts = counts
         return output
@@ -288,13 +295,7 @@ def _experts_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int])
         return ExpertsLinear.apply(rows, weight, counts)
     if len(counts) - counts.count(0) == 1:  # one expert (a decoded token): one plain matmul
         return F.linear(rows, weight[next(e for e, count in enumerate(counts) if count)])
-    output = rows.new_empty(rows.shape[0], weight.shape[1])
-    start = 0
-    for expert, count in enumerate(counts):
-        if count:
-            torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
-            start += count
-    return output
+    return _rows_times_experts(rows, weight, counts)
 
 
 def eager_experts_forward(
