@@ -7,7 +7,10 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_rope_utils import RopeParameters
 
-ROUTER_TYPES = ("relu", "topk", "dense")
+ROUTER_TYPES = ("relu", "topk", "dense", "hash", "expert_choice", "sparsemixer", "lory")
+# Routers whose training adds the Switch balancing loss (`router_aux_loss_coef`); ReLU routing adds the L1 term instead,
+# and Hash, Expert Choice and Lory add nothing (fixed, capacity-balanced and soft routing).
+BALANCING_LOSS_ROUTER_TYPES = ("topk", "sparsemixer")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
 AUX_LOSS_REDUCTIONS = ("sum", "mean")
 
@@ -52,8 +55,11 @@ class ReMoEConfig(PreTrainedConfig):
         num_experts (`int`, defaults to 8): experts per MoE layer before the granularity split (E).
         num_experts_per_tok (`int`, defaults to 1): TopK's k; ReMoE's target sparsity is `1 - k / E`.
         granularity (`int`, defaults to 1): fine-grained experts G: `E * G` experts of size `intermediate_size / G`.
-        router_type (`str`, defaults to `"relu"`): `"relu"` (ReMoE), `"topk"` (softmax, top-k, Switch balancing loss)
-            or `"dense"` (a SwiGLU FFN of the same active size, `k * intermediate_size`).
+        router_type (`str`, defaults to `"relu"`): `"relu"` (ReMoE), `"topk"` (softmax, top-k, Switch balancing loss),
+            `"dense"` (a SwiGLU FFN of the same active size, `k * intermediate_size`), or one of the ReMoE paper's
+            other baselines: `"hash"` (Hash Layers: each token id goes to k fixed random experts), `"expert_choice"`
+            (each expert takes its top-C tokens of the batch in training), `"sparsemixer"` (GRIN's SparseMixer-v2
+            top-k with its gradient estimator), `"lory"` (segment-level soft merging of the experts' parameters).
         moe_layer_freq (`int`, defaults to 1): every `moe_layer_freq`-th layer is MoE, the others dense.
         l1_coef_init (`float`, defaults to 1e-8): lambda_0 of the adaptive L1 controller.
         l1_coef_multiplier (`float`, defaults to 1.2): alpha of the controller, > 1.
@@ -66,6 +72,16 @@ class ReMoEConfig(PreTrainedConfig):
             `"sum"` (Megatron and the ReMoE paper: `coef * aux_l` added for every layer) or `"mean"`.
         router_sampling (`bool`, defaults to `False`): TopK only: in training, sample the k experts from the router's
             softmax (Gumbel-max, straight-through gates; BTX's "sample top-1"); inference keeps the top-k.
+        router_hash_seed (`int`, defaults to 0): `"hash"` only: seed of the random token-id -> experts table drawn
+            at initialisation (the table itself is saved with the model, as the buffer `mlp.router.hash_table`).
+        router_capacity_factor (`float`, defaults to 1.0): `"expert_choice"` only: each expert takes
+            `C = ceil(router_capacity_factor * k * G * T / (E * G))` of the T tokens of a training batch, so tokens use
+            `k * G` experts on average.
+        router_jitter_eps (`float`, defaults to 0.01): `"sparsemixer"` only: experts whose score is more than
+            `2 * eps` (relative) below the best remaining one are masked out before sampling (GRIN's default 0.01).
+        router_segment_length (`int`, *optional*): `"lory"` only: tokens per segment; segment j uses the experts
+            merged with the weights routed from segment j - 1. Default: Lory's 256, at most a quarter of
+            `max_position_embeddings` (so that a full sequence has at least 4 segments).
         scaled_output_init (`bool`, defaults to `False`): initialise the output projections (attention `o_proj`,
             dense and expert `down_proj`) at `initializer_range / sqrt(2 * num_hidden_layers)` (Megatron's scaled
             init, the ReMoE paper's recipe) instead of `initializer_range`.
@@ -122,6 +138,10 @@ class ReMoEConfig(PreTrainedConfig):
     router_renormalize: bool = False
     router_aux_loss_reduction: str = "sum"
     router_sampling: bool = False
+    router_hash_seed: int = 0
+    router_capacity_factor: float | int = 1.0
+    router_jitter_eps: float | int = 0.01
+    router_segment_length: int | None = None
     scaled_output_init: bool = False
     output_router_logits: bool = False
 
@@ -130,6 +150,8 @@ class ReMoEConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        if self.router_type == "lory":
+            self.use_cache = False  # segment routing needs state a KV cache does not keep (see ReMoELoryMoeBlock)
         self.base_model_tp_plan = self._tensor_parallel_plan()  # not saved: Transformers drops it from config.json
         super().__post_init__(**kwargs)
         self._check_values()
@@ -187,6 +209,21 @@ class ReMoEConfig(PreTrainedConfig):
         for name in ("router_renormalize", "router_sampling"):
             if getattr(self, name) and self.router_type != "topk":
                 raise ValueError(f"`{name}` applies to router_type='topk' only, got {self.router_type!r}")
+        if self.router_type == "lory" and (self.num_experts_per_tok != 1 or self.granularity != 1):
+            raise ValueError(
+                "router_type='lory' merges all experts into one FFN per segment, so it needs num_experts_per_tok=1 and "
+                f"granularity=1, got num_experts_per_tok={self.num_experts_per_tok}, granularity={self.granularity}"
+            )
+        if self.router_type == "lory" and self.use_cache:
+            raise ValueError("router_type='lory' cannot use a KV cache (segment routing needs state it does not keep)")
+        if self.router_segment_length is not None and self.router_segment_length < 1:
+            raise ValueError(f"`router_segment_length` must be >= 1, got {self.router_segment_length}")
+        if self.router_hash_seed < 0:
+            raise ValueError(f"`router_hash_seed` must be >= 0, got {self.router_hash_seed}")
+        for name in ("router_capacity_factor", "router_jitter_eps"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{name}` must be a finite number > 0, got {value}")
         if self.router_aux_loss_reduction not in AUX_LOSS_REDUCTIONS:
             raise ValueError(
                 f"`router_aux_loss_reduction` must be one of {AUX_LOSS_REDUCTIONS}, got {self.router_aux_loss_reduction!r}"
@@ -234,6 +271,18 @@ class ReMoEConfig(PreTrainedConfig):
     def uses_l1_controller(self) -> bool:
         """Whether training adds ReMoE's L1 regulariser, scaled by the controller's adaptive lambda (ReLU routing)."""
         return self.router_type == "relu"
+
+    @property
+    def segment_length(self) -> int:
+        """Lory's segment length: `router_segment_length`, by default 256 but at most `max_position_embeddings // 4`."""
+        if self.router_segment_length is not None:
+            return self.router_segment_length
+        return max(1, min(256, self.max_position_embeddings // 4))
+
+    @property
+    def uses_balancing_loss(self) -> bool:
+        """Whether training adds the Switch balancing loss, scaled by `router_aux_loss_coef` (TopK, SparseMixer-v2)."""
+        return self.router_type in BALANCING_LOSS_ROUTER_TYPES
 
     @property
     def num_moe_layers(self) -> int:

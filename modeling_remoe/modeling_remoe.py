@@ -208,23 +208,53 @@ class ReMoEMLP(nn.Module):
 
 
 class ReMoERouter(nn.Module):
-    """`relu`: gates = ReLU(x W^T). `topk`: gates = TopK(Softmax(x W^T), k), renormalised to sum 1 only with
-    `router_renormalize` (Mixtral's convention; the ReMoE paper's TopK baseline keeps the softmax values)."""
+    """Token-to-expert routing: `forward(hidden_states (T, H), input_ids (T,) | None)` -> router logits `(T, E)` (what
+    `output_router_logits` returns and every routing statistic reads) and gates `(T, E)`, mostly zero.
+
+    - `relu` (ReMoE): gates = ReLU(x W^T).
+    - `topk`: gates = TopK(Softmax(x W^T), k), renormalised to sum 1 only with `router_renormalize` (Mixtral's
+      convention; the ReMoE paper's TopK baseline keeps the softmax values).
+    - `sparsemixer`: GRIN's SparseMixer-v2 top-k (`sparsemixer_gates`).
+    - `expert_choice`: in training every expert takes its top-C tokens of the batch by softmax score
+      (`expert_choice_gates`); at inference every token takes its top-k experts by the same scores.
+    - `hash`: no parameters: token id v goes to the k experts `hash_table[v]` with gate 1; the logits are the 0/1
+      indicator of those experts.
+    - `lory`: the rows are routing representations (the previous segment's mean, `ReMoELoryMoeBlock`); the gates are
+      the softmax over all experts, used to merge the experts' parameters.
+    """
 
     def __init__(self, config: ReMoEConfig):
         super().__init__()
         self.router_type = config.router_type
+        self.num_experts = config.num_routed_experts
         self.top_k = config.routed_top_k
         self.renormalize = config.router_renormalize
         self.sampling = config.router_sampling
-        self.weight = nn.Parameter(torch.empty(config.num_routed_experts, config.hidden_size))
+        self.capacity_factor = config.router_capacity_factor
+        self.jitter_eps = config.router_jitter_eps
+        if self.router_type == "hash":
+            self.hash_seed = config.router_hash_seed
+            self.register_buffer("hash_table", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+        else:
+            self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H) -> router logits (T, E) and gates (T, E), mostly zero."""
+        if self.router_type == "hash":
+            return hash_gates(self.hash_table, input_ids, self.num_experts, hidden_states.dtype)
         router_logits = F.linear(hidden_states, self.weight)
         if self.router_type == "relu":
             return router_logits, F.relu(router_logits)
+        if self.router_type == "sparsemixer":
+            gates = sparsemixer_gates(router_logits, self.top_k, self.jitter_eps, self.training)
+            return router_logits, gates.to(hidden_states.dtype)
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        if self.router_type == "lory":
+            return router_logits, probs.to(hidden_states.dtype)
+        if self.router_type == "expert_choice" and self.training:
+            return router_logits, expert_choice_gates(probs, self.top_k, self.capacity_factor).to(hidden_states.dtype)
         if self.sampling and self.training:
             # Gumbel-top-k: k experts drawn from the softmax without replacement; the gates are straight-through
             # (forward: the kept probabilities, renormalised if asked; backward: as the unnormalised probabilities).
@@ -239,6 +269,100 @@ class ReMoERouter(nn.Module):
                 top_values = top_values / top_values.sum(dim=-1, keepdim=True)
         gates = torch.zeros_like(probs).scatter(1, top_indices, top_values)
         return router_logits, gates.to(hidden_states.dtype)
+
+
+def random_hash_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """Hash Layers' random hash: `(vocab_size, top_k)` expert ids, k distinct experts per token id, drawn uniformly
+    with a generator seeded by `seed` (so a config rebuilds the same table; the saved buffer is what counts)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(vocab_size, num_experts, generator=generator).argsort(dim=-1)[:, :top_k]
+
+
+def hash_gates(
+    hash_table: torch.Tensor, input_ids: torch.Tensor | None, num_experts: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash routing of token ids `(T,)`: the 0/1 indicator `(T, E)` of each token's `hash_table` experts (float32, as
+    router logits) and the gates, the same indicator: the experts' outputs are added unweighted (Hash Layers' gate
+    1; with k > 1 the sum over the hashed experts, as MultiHash sums its hashed segments)."""
+    if input_ids is None:
+        raise ValueError(
+            "router_type='hash' routes each token by its id: pass input_ids (inputs_embeds alone cannot be hashed)"
+        )
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= hash_table.shape[0]):
+        raise ValueError(f"input_ids must lie in [0, {hash_table.shape[0]}) for the hash router's table")
+    experts = hash_table[input_ids.reshape(-1)]
+    indicator = torch.zeros(experts.shape[0], num_experts, device=experts.device, dtype=torch.float32)
+    indicator.scatter_(1, experts, 1.0)
+    return indicator, indicator.to(dtype)
+
+
+def expert_choice_gates(probs: torch.Tensor, top_k: int, capacity_factor: float) -> torch.Tensor:
+    """Expert Choice routing (Zhou et al. 2022) over the T rows of `probs (T, E)` (the token-to-expert softmax): every
+    expert takes the `C = ceil(capacity_factor * k * T / E)` rows with the highest score (at most T) and gates them by
+    that score; a row may get any number of experts, zero included."""
+    num_tokens, num_experts = probs.shape
+    capacity = min(num_tokens, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    if capacity == 0:
+        return torch.zeros_like(probs)
+    top_scores, top_tokens = torch.topk(probs.t(), capacity, dim=-1)  # (E, C)
+    return torch.zeros_like(probs.t()).scatter(1, top_tokens, top_scores).t()
+
+
+def expert_choice_mask(router_logits: torch.Tensor, top_k: int, capacity_factor: float) -> torch.Tensor:
+    """The `(T, E)` booleans of `expert_choice_gates` recomputed from router logits (routing statistics)."""
+    probs = F.softmax(router_logits.float(), dim=-1)
+    return expert_choice_gates(probs, top_k, capacity_factor) > 0
+
+
+class SparseMixerGate(torch.autograd.Function):
+    """SparseMixer-v2's gate of one sampled expert: forward `omega * p` (p the masked softmax probability of the
+    sampled expert, omega in {1, 1/3}); backward passes `grad * dp/dscores = grad * p * (onehot - probs)` to the
+    scores (the midpoint-method estimate of the discrete choice's gradient; omega is not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, scores, chosen_prob, chosen, probs, omega):
+        ctx.save_for_backward(chosen_prob, chosen, probs)
+        return chosen_prob * omega
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        chosen_prob, chosen, probs = ctx.saved_tensors
+        weighted = grad_output * chosen_prob  # (T, 1)
+        grad_scores = (-probs * weighted).scatter_add(-1, chosen, weighted)
+        return grad_scores, None, None, None, None
+
+
+def sparsemixer_gates(router_logits: torch.Tensor, top_k: int, jitter_eps: float, training: bool) -> torch.Tensor:
+    """GRIN's SparseMixer-v2 (Liu et al. 2024), generalised from its top-2 to k rounds. Round r: among the experts not
+    chosen yet, mask those whose score is more than `2 * jitter_eps` (relative to max(|score|, best)) below the best;
+    choose one from the softmax of the rest (Gumbel sampling in training, the best at inference); its gate is that
+    softmax probability p, in training times omega = 1 when the sample is the best expert or with probability 1/4,
+    else 1/3, with `SparseMixerGate`'s gradient. Returns gates `(T, E)` with k nonzeros per row."""
+    scores = router_logits.float()
+    remaining = scores
+    gates = torch.zeros_like(scores)
+    for _ in range(top_k):
+        with torch.no_grad():
+            best, best_index = remaining.max(dim=-1, keepdim=True)
+            far = (best - scores) / scores.abs().clamp(min=best) > 2 * jitter_eps
+        masked = remaining.masked_fill(far, float("-inf"))
+        if training:
+            gumbel = -torch.empty_like(masked).exponential_().log()
+            chosen = (masked.detach() + gumbel).argmax(dim=-1, keepdim=True)
+        else:
+            chosen = best_index
+        probs = F.softmax(masked, dim=-1)
+        chosen_prob = probs.gather(-1, chosen)
+        if training:
+            with torch.no_grad():
+                keep_full = (chosen == best_index) | (torch.rand_like(chosen_prob) > 0.75)
+                omega = torch.where(keep_full, 1.0, 1.0 / 3.0)
+            gate = SparseMixerGate.apply(scores, chosen_prob.detach(), chosen, probs.detach(), omega)
+        else:
+            gate = chosen_prob
+        gates = gates.scatter(-1, chosen, gate)
+        remaining = remaining.scatter(-1, chosen, float("-inf"))
+    return gates
 
 
 def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -395,23 +519,67 @@ def run_experts(
     return experts(hidden_states, top_k_index, top_k_weights)
 
 
+# Routers that give every token exactly `routed_top_k` experts (Transformers' fixed-k experts contract applies as is).
+FIXED_K_ROUTER_TYPES = ("topk", "sparsemixer", "hash")
+
+
 class ReMoESparseMoeBlock(nn.Module):
     def __init__(self, config: ReMoEConfig):
         super().__init__()
         self.router = ReMoERouter(config)
         self.experts = ReMoEExperts(config)
-        self.top_k = config.routed_top_k if config.router_type == "topk" else None
+        self.top_k = config.routed_top_k if config.router_type in FIXED_K_ROUTER_TYPES else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, hidden_dim)
-        _, gates = self.router(hidden_states)
+        _, gates = self.router(hidden_states) if input_ids is None else self.router(hidden_states, input_ids)
         if self.top_k is not None:
             top_k_weights, top_k_index = torch.topk(gates, self.top_k, dim=-1)
             hidden_states = run_experts(self.experts, hidden_states, top_k_index, top_k_weights)
         else:
             hidden_states = experts_over_active_pairs(self.experts, hidden_states, gates)
         return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+
+
+class ReMoELoryMoeBlock(nn.Module):
+    """Lory (Zhong et al. 2024): causal segment routing with soft merging of the experts' parameters.
+
+    The sequence is cut into segments of `router_segment_length` tokens. Segment j > 0 is routed by the mean of the
+    previous segment's hidden states (this layer's input): weights `p = softmax(W mean(x_{j-1}))` over all E experts,
+    and its tokens run one SwiGLU FFN whose matrices are `sum_e p_e W_e`. The first segment is routed by its own mean
+    with the gradient of its routing weights stopped (Lory's rule: its forward sees its own later tokens). No balancing
+    loss. The router is called on one row per token (that token's routing representation), so router logits and every
+    routing statistic stay per token.
+    """
+
+    def __init__(self, config: ReMoEConfig):
+        super().__init__()
+        self.router = ReMoERouter(config)
+        self.experts = ReMoEExperts(config)
+        self.segment_length = config.segment_length
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, sequence_length, hidden_dim = hidden_states.shape
+        length = self.segment_length
+        num_segments = -(-sequence_length // length)
+        padding = num_segments * length - sequence_length
+        segments = F.pad(hidden_states, (0, 0, 0, padding)).view(batch_size, num_segments, length, hidden_dim)
+        sizes = torch.full((num_segments,), length, device=hidden_states.device, dtype=hidden_states.dtype)
+        sizes[-1] = length - padding
+        segment_means = segments.sum(dim=2) / sizes[:, None]  # (B, J, H), padding excluded
+        routing_inputs = torch.cat([segment_means[:, :1], segment_means[:, :-1]], dim=1)  # segment j <- j - 1
+        token_inputs = routing_inputs.repeat_interleave(length, dim=1)[:, :sequence_length]
+        _, token_weights = self.router(token_inputs.reshape(-1, hidden_dim))
+        weights = token_weights.view(batch_size, sequence_length, -1)[:, ::length]  # (B, J, E), one row per segment
+        weights = torch.cat([weights[:, :1].detach(), weights[:, 1:]], dim=1)  # the first segment: stop-gradient
+        weights = weights.to(self.experts.gate_up_proj.dtype)
+        gate_up_proj = torch.einsum("bje,eoh->bjoh", weights, self.experts.gate_up_proj)
+        down_proj = torch.einsum("bje,ehi->bjhi", weights, self.experts.down_proj)
+        gate, up = torch.matmul(segments.to(gate_up_proj.dtype), gate_up_proj.transpose(-1, -2)).chunk(2, dim=-1)
+        output = torch.matmul(self.experts.act_fn(gate) * up, down_proj.transpose(-1, -2))
+        output = output.reshape(batch_size, num_segments * length, hidden_dim)[:, :sequence_length]
+        return output.to(hidden_states.dtype)
 
 
 def experts_over_active_pairs(experts: nn.Module, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -429,7 +597,10 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = ReMoEAttention(config, layer_idx)
-        if config.is_moe_layer(layer_idx):
+        self.routes_by_token_id = config.is_moe_layer(layer_idx) and config.router_type == "hash"
+        if config.is_moe_layer(layer_idx) and config.router_type == "lory":
+            self.mlp = ReMoELoryMoeBlock(config)
+        elif config.is_moe_layer(layer_idx):
             self.mlp = ReMoESparseMoeBlock(config)
         else:
             self.mlp = ReMoEMLP(config, config.intermediate_size * config.num_experts_per_tok)
@@ -444,8 +615,10 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
+        routing_input_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        """`routing_input_ids`: the token ids, for the hash router (other layers ignore them)."""
         # The cache arrives under the installed Transformers' name (`CACHE_NAME`), which is the name
         # `GradientCheckpointingLayer` looks for when it drops the cache under gradient checkpointing.
         cache = cache if cache is not None else past_key_values
@@ -462,7 +635,10 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
+        if self.routes_by_token_id:
+            hidden_states = self.mlp(hidden_states, routing_input_ids)
+        else:
+            hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
 
 
@@ -510,9 +686,10 @@ class ReMoEL1Controller(nn.Module):
         counts = tokens_per_expert.to(torch.float64)
         tokens = torch.tensor(float(num_tokens), dtype=torch.float64, device=counts.device)
         losses = torch.zeros(3, dtype=torch.float64, device=counts.device)
-        if loss_lm is not None and loss_reg is not None:
-            losses = torch.stack([loss_lm.detach().double(), loss_reg.detach().double(), losses.new_tensor(1.0)])
-            losses = losses.to(counts.device)
+        if loss_lm is not None:
+            loss_reg = loss_lm.new_zeros(()) if loss_reg is None else loss_reg  # routers without a regulariser
+            losses = torch.stack([loss_lm.detach().double(), loss_reg.detach().double().to(loss_lm.device)])
+            losses = torch.cat([losses.to(counts.device), losses.new_ones(1).to(counts.device)])
         if self.tokens_per_expert is None:
             self.tokens_per_expert, self.num_tokens, self.loss_sums = counts, tokens, losses
         else:
@@ -555,23 +732,30 @@ class ReMoEL1Controller(nn.Module):
         return metrics
 
 
-def active_experts(router_logits: torch.Tensor, config: ReMoEConfig, top_k: int | None = None) -> torch.Tensor:
-    """Which experts each token uses, `(T, E)` booleans: the positive ReLU gates, or the top-k router logits (`top_k`
-    defaults to the config's `k * G`).
+def active_experts(
+    router_logits: torch.Tensor, config: ReMoEConfig, top_k: int | None = None, in_training: bool = False
+) -> torch.Tensor:
+    """Which experts each token uses, `(T, E)` booleans: the positive ReLU gates; with Expert Choice in training
+    (`in_training`), the experts' top-C choices over the T rows; else the top-k router logits (`top_k` defaults to the
+    config's `k * G`), which for Hash are its table's experts and for Lory the largest weight of the segment's merge
+    (Lory uses every expert; this is its dominant one). SparseMixer-v2 and sampled TopK draw their experts in
+    training, so their training statistics count the top-k instead of the draws.
 
     The one definition of routing behind every statistic: the controller's sparsity, evaluation, `remoe analyze`,
     BTX's domain shares and `remoe generate --show_routing`."""
     if config.router_type == "relu":
         return router_logits > 0
+    if config.router_type == "expert_choice" and in_training:
+        return expert_choice_mask(router_logits, top_k or config.routed_top_k, config.router_capacity_factor)
     top_indices = torch.topk(router_logits, top_k or config.routed_top_k, dim=-1).indices
     return torch.zeros_like(router_logits, dtype=torch.bool).scatter_(-1, top_indices, True)
 
 
 def expert_token_counts(
-    router_logits: tuple[torch.Tensor, ...], config: ReMoEConfig, top_k: int | None = None
+    router_logits: tuple[torch.Tensor, ...], config: ReMoEConfig, top_k: int | None = None, in_training: bool = False
 ) -> torch.Tensor:
     """Tokens routed to each expert, per MoE layer: `(L, E)` float32, no gradient."""
-    counts = [active_experts(logits.detach(), config, top_k).sum(dim=0) for logits in router_logits]
+    counts = [active_experts(logits.detach(), config, top_k, in_training).sum(dim=0) for logits in router_logits]
     return torch.stack(counts).float()
 
 
@@ -645,6 +829,9 @@ class ReMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=output_std)
         elif isinstance(module, nn.Linear) and getattr(module, "writes_residual", False):
             init.normal_(module.weight, mean=0.0, std=output_std)
+        elif isinstance(module, ReMoERouter) and module.router_type == "hash":
+            table = random_hash_table(module.hash_table.shape[0], module.num_experts, module.top_k, module.hash_seed)
+            init.copy_(module.hash_table, table.to(module.hash_table.device))
         elif isinstance(module, ReMoERouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ReMoEL1Controller):
@@ -707,6 +894,16 @@ class ReMoEModel(ReMoEPreTrainedModel):
         cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if self.config.router_type == "hash" and input_ids is None:
+            raise ValueError(
+                "router_type='hash' routes each token by its id: pass input_ids (inputs_embeds alone cannot be hashed)"
+            )
+        if self.config.router_type == "lory" and (use_cache or cache is not None):
+            raise ValueError(
+                "router_type='lory' cannot run with a KV cache: each segment's experts are merged from the previous "
+                "segment's hidden states at every MoE layer, which the cache does not keep. Generate with "
+                "use_cache=False (the default of lory configs): every step recomputes the sequence, exactly"
+            )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
@@ -732,6 +929,7 @@ class ReMoEModel(ReMoEPreTrainedModel):
                 position_ids=position_ids,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
+                routing_input_ids=input_ids if self.config.router_type == "hash" else None,
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
@@ -822,20 +1020,24 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         aux_loss = None
         if has_router and (output_router_logits or regularize):
             router_logits = _valid_token_rows(outputs.router_logits, attention_mask)
+            coef = None
             if self.config.uses_l1_controller:
                 aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
                 coef = self.controller.l1_coef
-            else:
+            elif self.config.uses_balancing_loss:
                 aux_loss = switch_load_balancing_loss(
                     router_logits, self.routed_top_k, self.config.router_aux_loss_reduction
                 )
                 coef = self.config.router_aux_loss_coef
             if regularize:
-                _check_router_gradients(router_logits, self)
-                weighted = None if loss is None else coef * aux_loss
-                counts = expert_token_counts(router_logits, self.config, self.routed_top_k)
+                if coef is not None:
+                    _check_router_gradients(router_logits, self)
+                weighted = None if loss is None or coef is None else coef * aux_loss
+                if self.config.router_type == "expert_choice":  # the experts chose among every row, padding included
+                    router_logits = outputs.router_logits
+                counts = expert_token_counts(router_logits, self.config, self.routed_top_k, in_training=True)
                 self.controller.record(counts, router_logits[0].shape[0], loss, weighted)
-            if loss is not None:
+            if loss is not None and coef is not None:
                 loss = loss + coef * aux_loss.to(loss.device)
 
         return MoeCausalLMOutputWithPast(
@@ -853,7 +1055,11 @@ def _check_router_gradients(router_logits: tuple[torch.Tensor, ...], model: nn.M
     """Reentrant gradient checkpointing recomputes the layers in backward, outside the graph that captured the router
     logits: the regulariser (and the TopK balancing loss) would silently get no gradient."""
     if router_logits and not router_logits[0].requires_grad:
-        routers = [module.weight for module in model.modules() if isinstance(module, ReMoERouter)]
+        routers = [
+            module.weight
+            for module in model.modules()
+            if isinstance(module, ReMoERouter) and module.router_type != "hash"
+        ]
         if any(weight.requires_grad for weight in routers):
             raise ValueError(
                 "the router logits carry no gradient, so the ReMoE regulariser / balancing loss would not train the "

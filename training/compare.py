@@ -20,7 +20,15 @@ from .run_config import resolve_run
 from .train import train
 from .trainer import last_complete_checkpoint
 
-ROUTER_COLORS = {"dense": "#7f7f7f", "topk": "#1f77b4", "relu": "#d62728"}
+ROUTER_COLORS = {
+    "dense": "#7f7f7f",
+    "topk": "#1f77b4",
+    "relu": "#d62728",
+    "hash": "#8c564b",
+    "expert_choice": "#2ca02c",
+    "sparsemixer": "#9467bd",
+    "lory": "#ff7f0e",
+}
 Run = tuple[TrainingMetrics, list[dict]]  # one seed's metrics.json and log_history.json
 Setting = tuple[str, int, int]  # (router type, E, G)
 

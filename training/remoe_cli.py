@@ -18,7 +18,7 @@ import sys
 
 # Vocabularies of the choices below. They are the project's own (configuration_remoe.ROUTER_TYPES, conversion,
 # generate.DTYPES); tests/test_cli.py checks that the copies here agree with them.
-ROUTER_TYPES = ("relu", "topk", "dense")
+ROUTER_TYPES = ("relu", "topk", "dense", "hash", "expert_choice", "sparsemixer", "lory")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
 AUX_LOSS_REDUCTIONS = ("sum", "mean")
 MIX_ROUTER_TYPES = ("relu", "topk")
