@@ -164,7 +164,7 @@ class ReMoEConfig(PreTrainedConfig):
         moe_layers = [self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)]
         if not all(moe_layers):
             plan.update(_DENSE_FFN_TP_PLAN)
-        if any(moe_layers):
+        if any(moe_layers) and self.router_type != "lory":  # Lory merges whole experts: they stay replicated
             plan.update(_EXPERTS_TP_PLAN)
         return plan
 

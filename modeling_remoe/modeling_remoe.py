@@ -9,6 +9,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -301,7 +302,8 @@ def expert_choice_gates(probs: torch.Tensor, top_k: int, capacity_factor: float)
     expert takes the `C = ceil(capacity_factor * k * T / E)` rows with the highest score (at most T) and gates them by
     that score; a row may get any number of experts, zero included."""
     num_tokens, num_experts = probs.shape
-    capacity = min(num_tokens, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
+    # Exact arithmetic: in floats, 1.1 * 3000 / 4 = 825.0000000000001 would round up to 826.
+    capacity = min(num_tokens, math.ceil(Fraction(str(capacity_factor)) * top_k * num_tokens / num_experts))
     if capacity == 0:
         return torch.zeros_like(probs)
     top_scores, top_tokens = torch.topk(probs.t(), capacity, dim=-1)  # (E, C)
@@ -545,12 +547,13 @@ class ReMoESparseMoeBlock(nn.Module):
 class ReMoELoryMoeBlock(nn.Module):
     """Lory (Zhong et al. 2024): causal segment routing with soft merging of the experts' parameters.
 
-    The sequence is cut into segments of `router_segment_length` tokens. Segment j > 0 is routed by the mean of the
-    previous segment's hidden states (this layer's input): weights `p = softmax(W mean(x_{j-1}))` over all E experts,
-    and its tokens run one SwiGLU FFN whose matrices are `sum_e p_e W_e`. The first segment is routed by its own mean
-    with the gradient of its routing weights stopped (Lory's rule: its forward sees its own later tokens). No balancing
-    loss. The router is called on one row per token (that token's routing representation), so router logits and every
-    routing statistic stay per token.
+    Each sequence's real tokens (the 2D attention mask's ones; padding is left out) are cut into segments of
+    `router_segment_length` tokens. Segment j > 0 is routed by the mean of the previous segment's hidden states (this
+    layer's input): weights `p = softmax(W mean(x_{j-1}))` over all E experts, and its tokens run one SwiGLU FFN whose
+    matrices are `sum_e p_e W_e`. The first segment is routed by its own mean with the gradient of its routing weights
+    stopped (Lory's rule: its forward sees its own later tokens). No balancing loss. The router is called on one row
+    per token (that token's routing representation), so router logits and every routing statistic stay per token.
+    Padding positions output zeros.
     """
 
     def __init__(self, config: ReMoEConfig):
@@ -559,27 +562,50 @@ class ReMoELoryMoeBlock(nn.Module):
         self.experts = ReMoEExperts(config)
         self.segment_length = config.segment_length
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden_states (B, S, H)`; `attention_mask (B, S)`, 1 for real tokens, or None (no padding)."""
+        if self.experts.gate_up_proj.shape[0] != self.router.weight.shape[0]:
+            raise ValueError(
+                "router_type='lory' merges the parameters of every expert: expert parallelism, which keeps a share of "
+                "the experts on each rank, does not apply to it"
+            )
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         length = self.segment_length
         num_segments = -(-sequence_length // length)
-        padding = num_segments * length - sequence_length
-        segments = F.pad(hidden_states, (0, 0, 0, padding)).view(batch_size, num_segments, length, hidden_dim)
-        sizes = torch.full((num_segments,), length, device=hidden_states.device, dtype=hidden_states.dtype)
-        sizes[-1] = length - padding
-        segment_means = segments.sum(dim=2) / sizes[:, None]  # (B, J, H), padding excluded
+        num_slots = num_segments * length
+        if attention_mask is None or attention_mask.dim() != 2:
+            real = torch.ones(batch_size, sequence_length, dtype=torch.bool, device=hidden_states.device)
+        else:
+            real = attention_mask.to(hidden_states.device).bool()
+        positions = real.long().cumsum(dim=-1) - 1  # index among the row's real tokens
+        slots = torch.where(real, positions, num_slots)  # padding goes to one extra slot, dropped below
+        token_segments = torch.where(real, positions // length, num_segments)
+
+        expanded = slots[..., None].expand(-1, -1, hidden_dim)
+        slotted = hidden_states.new_zeros(batch_size, num_slots + 1, hidden_dim).scatter(1, expanded, hidden_states)
+        segments = slotted[:, :num_slots].view(batch_size, num_segments, length, hidden_dim)
+        sizes = real.new_zeros(batch_size, num_segments + 1, dtype=hidden_states.dtype)
+        sizes = sizes.scatter_add(1, token_segments, real.to(hidden_states.dtype))[:, :num_segments]
+        segment_means = segments.sum(dim=2) / sizes.clamp(min=1)[..., None]  # (B, J, H), real tokens only
         routing_inputs = torch.cat([segment_means[:, :1], segment_means[:, :-1]], dim=1)  # segment j <- j - 1
-        token_inputs = routing_inputs.repeat_interleave(length, dim=1)[:, :sequence_length]
+
+        token_inputs = routing_inputs.gather(
+            1, token_segments.clamp(max=num_segments - 1)[..., None].expand_as(expanded)
+        )
         _, token_weights = self.router(token_inputs.reshape(-1, hidden_dim))
-        weights = token_weights.view(batch_size, sequence_length, -1)[:, ::length]  # (B, J, E), one row per segment
+        token_weights = token_weights.view(batch_size, sequence_length, -1)
+        # Every token of a segment carries the same weights: their mean is the segment's (and splits its gradient).
+        weights = token_weights.new_zeros(batch_size, num_segments + 1, token_weights.shape[-1]).scatter_reduce(
+            1, token_segments[..., None].expand_as(token_weights), token_weights, reduce="mean", include_self=False
+        )[:, :num_segments]
         weights = torch.cat([weights[:, :1].detach(), weights[:, 1:]], dim=1)  # the first segment: stop-gradient
         weights = weights.to(self.experts.gate_up_proj.dtype)
         gate_up_proj = torch.einsum("bje,eoh->bjoh", weights, self.experts.gate_up_proj)
         down_proj = torch.einsum("bje,ehi->bjhi", weights, self.experts.down_proj)
         gate, up = torch.matmul(segments.to(gate_up_proj.dtype), gate_up_proj.transpose(-1, -2)).chunk(2, dim=-1)
         output = torch.matmul(self.experts.act_fn(gate) * up, down_proj.transpose(-1, -2))
-        output = output.reshape(batch_size, num_segments * length, hidden_dim)[:, :sequence_length]
-        return output.to(hidden_states.dtype)
+        output = F.pad(output.reshape(batch_size, num_slots, hidden_dim), (0, 0, 0, 1))  # the padding slot: zeros
+        return output.gather(1, expanded).to(hidden_states.dtype)
 
 
 def experts_over_active_pairs(experts: nn.Module, hidden_states: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -616,9 +642,11 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         past_key_values: Cache | None = None,
         routing_input_ids: torch.LongTensor | None = None,
+        routing_attention_mask: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        """`routing_input_ids`: the token ids, for the hash router (other layers ignore them)."""
+        """`routing_input_ids`: the token ids, for the hash router; `routing_attention_mask`: the 2D padding mask, for
+        Lory's segments (other layers ignore them)."""
         # The cache arrives under the installed Transformers' name (`CACHE_NAME`), which is the name
         # `GradientCheckpointingLayer` looks for when it drops the cache under gradient checkpointing.
         cache = cache if cache is not None else past_key_values
@@ -637,6 +665,8 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.routes_by_token_id:
             hidden_states = self.mlp(hidden_states, routing_input_ids)
+        elif isinstance(self.mlp, ReMoELoryMoeBlock):
+            hidden_states = self.mlp(hidden_states, routing_attention_mask)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
@@ -930,6 +960,7 @@ class ReMoEModel(ReMoEPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 routing_input_ids=input_ids if self.config.router_type == "hash" else None,
+                routing_attention_mask=attention_mask if self.config.router_type == "lory" else None,
                 **{CACHE_NAME: cache},
                 **kwargs,
             )

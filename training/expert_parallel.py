@@ -232,6 +232,11 @@ def enable_expert_parallel(model: ReMoEForCausalLM, ep_size: int) -> ReMoEForCau
         raise ValueError(f"expert_parallel_size must be >= 1, got {ep_size}")
     if ep_size == 1 or expert_parallel_size(model) == ep_size:
         return model
+    if model.config.router_type == "lory":
+        raise ValueError(
+            "expert_parallel_size > 1 does not apply to router_type='lory': every segment merges the parameters of "
+            "all experts, so there are no (token, expert) pairs to send to the experts' ranks"
+        )
     if expert_parallel_size(model) != 1:
         raise ValueError(f"the model is already expert-parallel with ep_size={expert_parallel_size(model)}")
     if not dist.is_initialized():
