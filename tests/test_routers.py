@@ -218,9 +218,7 @@ def test_expert_choice_gates_equal_a_hand_loop(num_tokens, num_experts, k, capac
         assert torch.equal(gates, probs)
 
 
-# MODEL BUG (kept failing on purpose): `expert_choice_gates` computes C = ceil(capacity_factor * k * T / E) in floating
-# point, so when the exact quotient is an integer that the float product overshoots (1.1 * 3000 / 4 =
-# 825.0000000000001), C is one more than the documented ceil(...) (826 instead of 825).
+# C = ceil(capacity_factor * k * T / E) exactly: in floats 1.1 * 3000 / 4 = 825.0000000000001 would give 826.
 @pytest.mark.parametrize(
     ("num_tokens", "num_experts", "k", "capacity_factor", "capacity"),
     [(3000, 4, 1, 1.1, 825), (10, 3, 3, 0.1, 1)],
@@ -621,11 +619,8 @@ def test_cached_generation_equals_uncached(router_type):
     assert torch.equal(cached, greedy_loop(model, ids, 8))
 
 
-# MODEL BUG for router_type="lory" (kept failing on purpose; the other routers pass): `ReMoELoryMoeBlock` ignores the
-# attention mask, so padding tokens enter the segment means and (left padding) shift the segment boundaries: the real
-# tokens of a padded row get other logits than the same sequence unpadded. Right padding is enough when the row is
-# shorter than one segment (segment 0 is routed by its own mean, pads included), e.g. batched evaluation or
-# `generate` on prompts of different lengths.
+# Padding must not reach the real tokens: for Lory, pads must stay out of the segment means and (left padding) must not
+# shift the segment boundaries; a row shorter than one segment is routed by its own real tokens only.
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("router_type", NEW_ROUTERS)
 def test_padding_does_not_change_the_real_tokens_logits(router_type, side):
