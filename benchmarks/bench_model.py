@@ -19,6 +19,14 @@ turns (`--swap_models`).
     python benchmarks/bench_model.py --presets 182m --autocast bf16   # fp32 weights, bf16 autocast (Trainer bf16: true)
     python benchmarks/bench_model.py --presets tiny --gemm_limit      # + GFLOP/s as a fraction of the matmul limit
     python benchmarks/bench_model.py --presets tiny --keep_freed_memory   # glibc keeps freed memory, as `remoe train`
+    python benchmarks/bench_model.py --presets tiny --paper_baselines     # + Hash, Expert Choice, SparseMixer-v2, Lory
+    python benchmarks/bench_model.py --presets tiny --paper_baselines --smoke   # every contestant runs (no measurement)
+
+The ReMoE paper's other baselines (`--paper_baselines`, or `--models remoe-hash ...`) are ReMoE models with the same
+dimensions and another `router_type`. Lory decodes without a KV cache (the model refuses one: its segment routing needs
+state the cache does not keep), so its decode rows recompute the whole sequence for every token (`decode_cache: false`
+in the JSON); its FFN merges the experts' weights instead of running an experts implementation, so it has one row. Its
+segments are a quarter of `--seq_len` (four per sequence).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import gc
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -58,6 +67,14 @@ from remoe.training.allocator import keep_freed_memory
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_NAMES = ("remoe-relu", "remoe-topk", "mixtral", "qwen3-moe")
+# The ReMoE paper's other baselines, built by ReMoE with the same dimensions (`--paper_baselines` adds them all).
+BASELINE_NAMES = ("remoe-hash", "remoe-expert_choice", "remoe-sparsemixer", "remoe-lory")
+# Models that decode without a KV cache (every step recomputes the whole sequence): Lory's segment routing needs
+# state a KV cache does not keep, so the model refuses one.
+NO_CACHE_MODELS = ("remoe-lory",)
+# Models whose FFN does not go through the experts implementations (Lory merges the experts' weights per segment and
+# runs one FFN): measured once, under the first implementation asked for.
+MERGED_EXPERTS_MODELS = ("remoe-lory",)
 
 
 class PeakMemory:
@@ -112,7 +129,21 @@ def build_models(dims: dict, vocab_size: int) -> dict[str, Callable[[], torch.nn
         num_experts_per_tok=dims["num_experts_per_tok"],
     )
     experts, intermediate = dims["num_experts"], dims["intermediate_size"]
+
+    def remoe_baseline(router_type: str) -> Callable[[], torch.nn.Module]:
+        extra = {}
+        if router_type == "lory":  # Lory's own rule would give one segment per benchmark sequence: use 4
+            extra["router_segment_length"] = max(1, dims.get("bench_seq_len", 128) // 4)
+        return lambda: ReMoEForCausalLM(
+            ReMoEConfig(**common, intermediate_size=intermediate, num_experts=experts, router_type=router_type, **extra)
+        )
+
+    baselines = {
+        f"remoe-{router_type}": remoe_baseline(router_type)
+        for router_type in ("hash", "expert_choice", "sparsemixer", "lory")
+    }
     return {
+        **baselines,
         "remoe-relu": lambda: ReMoEForCausalLM(
             ReMoEConfig(**common, intermediate_size=intermediate, num_experts=experts, router_type="relu")
         ),
@@ -176,6 +207,20 @@ def calibrate_to_target(
         if inside >= 3:
             return step
     return max_steps
+
+
+def _greedy_decode_without_cache(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    """Seconds spent decoding `new_tokens` one at a time without a KV cache: every step runs the whole sequence so far
+    (what `generate` does for Lory); the first forward over the prompt is excluded, as the prefill of the cached
+    decode."""
+    sequence = torch.cat([prompt, model(prompt, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    _sync(prompt.device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        next_token = model(sequence, use_cache=False).logits[:, -1:].argmax(-1)
+        sequence = torch.cat([sequence, next_token], dim=1)
+    _sync(prompt.device)
+    return time.perf_counter() - start
 
 
 def _greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -275,17 +320,23 @@ class ModelUnderTest:
         self.optimizer.zero_grad(set_to_none=True)
         self.train_flops = counter.get_total_flops()
 
+    @property
+    def decode_cache(self) -> bool:
+        """Whether the model decodes with a KV cache (Lory cannot: it recomputes the sequence at every step)."""
+        return self.name not in NO_CACHE_MODELS
+
     @torch.no_grad()
     def inference(self, implementation: str, tokens: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
         self.model.set_experts_implementation(implementation)
         self.model.eval()
+        decode = _greedy_decode if self.decode_cache else _greedy_decode_without_cache
         with self._forward_context(tokens.device):
             _sync(tokens.device)
             start = time.perf_counter()
-            self.model(tokens, use_cache=True)
+            self.model(tokens, use_cache=self.decode_cache)
             _sync(tokens.device)
             prefill = time.perf_counter() - start
-            return prefill, _greedy_decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
+            return prefill, decode(self.model, tokens[:, : max(1, tokens.shape[1] // 4)], decode_tokens)
 
     def results(self, tokens: torch.Tensor, decode_tokens: int) -> dict[str, dict[str, float | str]]:
         batch, length = tokens.shape
@@ -300,7 +351,16 @@ class ModelUnderTest:
                 "train_peak_mib": self.peak_mib[implementation],
                 "prefill_tokens_per_s": batch * length / median["prefill"],
                 "decode_tokens_per_s": batch * decode_tokens / median["decode"],
+                "decode_cache": self.decode_cache,
             }
+            if not self.decode_cache:
+                results[implementation]["decode_note"] = (
+                    "no KV cache: every decoded token recomputes the whole sequence (the model refuses a cache)"
+                )
+            if self.name in MERGED_EXPERTS_MODELS:
+                results[implementation]["experts_note"] = (
+                    "the experts' weights are merged per segment into one FFN; no experts implementation runs"
+                )
             if self.train_flops:
                 results[implementation]["train_flops_per_step"] = self.train_flops
                 results[implementation]["train_gflops"] = self.train_flops / median["train"] / 1e9
@@ -425,7 +485,14 @@ def run(args) -> list[dict]:
         vocab_size = args.vocab_size or (4096 if preset == "tiny" else 50304)
         torch.manual_seed(0)
         tokens = torch.randint(0, vocab_size, (args.batch_size, args.seq_len), device=device)
-        builders = {name: build for name, build in build_models(dims, vocab_size).items() if name in args.models}
+        baselines = getattr(args, "paper_baselines_names", [])
+        models_asked = list(args.models) + [name for name in baselines if name not in args.models]
+        builders = {
+            name: build
+            for name, build in build_models({**dims, "bench_seq_len": args.seq_len}, vocab_size).items()
+            if name in models_asked
+        }
+        builders = {name: builders[name] for name in models_asked}  # the order asked for
         needed = sum(training_bytes(build) for build in builders.values())
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
         swap = args.swap_models == "always" or (args.swap_models == "auto" and needed > 0.6 * available)
@@ -448,6 +515,8 @@ def run(args) -> list[dict]:
                 implementations = list(args.transformers_implementations)
                 if name.startswith("remoe") and device.type == "cuda" and "triton" in REMOE_IMPLEMENTATIONS:
                     implementations.append("triton")
+                if name in MERGED_EXPERTS_MODELS:
+                    implementations = implementations[:1]
                 swap_dir = Path(swap_root) if swap else None
                 models.append(
                     ModelUnderTest(
@@ -475,12 +544,14 @@ def run(args) -> list[dict]:
 
 def _format_row(row: dict) -> str:
     if "error" in row:
-        return f"{row['preset']:>6} {row['model']:<11} {row['experts']:<11} {row['error']}"
+        return f"{row['preset']:>6} {row['model']:<19} {row['experts']:<11} {row['error']}"
     experts = f"{row['experts_per_token']:.2f}" if "experts_per_token" in row else "-"
+    if not row.get("decode_cache", True):
+        experts += " (decode: no KV cache)"
     gflops = f"{row['train_gflops']:.1f}" if "train_gflops" in row else "-"
     fraction = f"{row['fraction_of_gemm_limit']:.1%}" if "fraction_of_gemm_limit" in row else "-"
     return (
-        f"{row['preset']:>6} {row['model']:<11} {row['experts']:<11} {row['train_tokens_per_s']:>10.0f} "
+        f"{row['preset']:>6} {row['model']:<19} {row['experts']:<11} {row['train_tokens_per_s']:>10.0f} "
         f"{row['train_peak_mib']:>9.0f} {row['prefill_tokens_per_s']:>11.0f} {row['decode_tokens_per_s']:>10.1f} "
         f"{experts:>8} {gflops:>8} {fraction:>8}"
     )
@@ -490,7 +561,7 @@ def _format_limit_row(preset: str, limit: dict) -> str:
     """The GEMM limit as a row of the table: its GFLOP/s under the models' training-step GFLOP/s."""
     label = f"m={limit['tokens_per_expert']} {limit['dtype']}"
     blank = f"{'':>10} {'':>9} {'':>11} {'':>10} {'':>8}"
-    return f"{preset:>6} {'gemm-limit':<11} {label:<11} {blank} {limit['gflops']:>8.1f} {'100%':>8}"
+    return f"{preset:>6} {'gemm-limit':<19} {label:<11} {blank} {limit['gflops']:>8.1f} {'100%':>8}"
 
 
 def main() -> None:
@@ -503,7 +574,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="rounds of the round-robin (medians are reported)")
     parser.add_argument("--calibration_steps", type=int, default=150)
     parser.add_argument(
-        "--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES), help="contestants (default: all)"
+        "--models",
+        nargs="+",
+        choices=MODEL_NAMES + BASELINE_NAMES,
+        default=list(MODEL_NAMES),
+        help=f"contestants (default: {' '.join(MODEL_NAMES)}; the paper's other baselines: {' '.join(BASELINE_NAMES)})",
+    )
+    parser.add_argument(
+        "--paper_baselines",
+        action="store_true",
+        help="add the ReMoE paper's other baselines (Hash, Expert Choice, SparseMixer-v2, Lory) next to the models; "
+        "Lory decodes without a KV cache (it refuses one), which its rows state",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check that every contestant runs, not a measurement: 1 round, batch 2 x 32 tokens, 4 decoded "
+        "tokens, 2 calibration steps, eager experts only (unless given)",
     )
     parser.add_argument(
         "--transformers_implementations",
@@ -543,11 +630,24 @@ def main() -> None:
     )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")
     args = parser.parse_args()
+    if args.smoke:
+        given = set(sys.argv[1:])
+        for flag, value in (
+            ("repeats", 1),
+            ("batch_size", 2),
+            ("seq_len", 32),
+            ("decode_tokens", 4),
+            ("calibration_steps", 2),
+            ("transformers_implementations", ["eager"]),
+        ):
+            if f"--{flag}" not in given:
+                setattr(args, flag, value)
+    args.paper_baselines_names = list(BASELINE_NAMES) if args.paper_baselines else []
     malloc = keep_freed_memory() if args.keep_freed_memory else {}
     args.gemm_limits = {}
 
     print(
-        f"{'preset':>6} {'model':<11} {'experts':<11} {'train tok/s':>10} {'peak MiB':>9} {'prefill tok/s':>11} "
+        f"{'preset':>6} {'model':<19} {'experts':<11} {'train tok/s':>10} {'peak MiB':>9} {'prefill tok/s':>11} "
         f"{'decode tok/s':>10} {'experts/tok':>8} {'GFLOP/s':>8} {'of limit':>8}"
     )
     rows = run(args)
@@ -563,7 +663,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "optimizer": trainer_optimizer_name(args.optim),
         "malloc": malloc,
-        "settings": {key: value for key, value in vars(args).items() if key != "output"},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("output", "paper_baselines_names")},
         "results": rows,
         **({"gemm_limit": gemm_limits} if gemm_limits else {}),
     }

@@ -33,7 +33,42 @@ RUN_CONFIG_FILES = ("run_config.yaml", "run_config.json")
 ANALYSIS_DIR = "analysis"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 _HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_ROUTER_NAMES = {"relu": "ReLU (ReMoE)", "topk": "TopK (softmax, top-k)", "dense": "dense (no routing)"}
+_ROUTER_NAMES = {
+    "relu": "ReLU (ReMoE)",
+    "topk": "TopK (softmax, top-k)",
+    "dense": "dense (no routing)",
+    "hash": "Hash (fixed random token-id hash)",
+    "expert_choice": "Expert Choice (experts pick tokens in training)",
+    "sparsemixer": "SparseMixer-v2 (GRIN)",
+    "lory": "Lory (segment-level soft merging)",
+}
+# How each of the ReMoE paper's other baselines routes (the card's description paragraph; ReLU's is the template's,
+# TopK's and dense's are their summary lines).
+ROUTER_DESCRIPTIONS = {
+    "hash": "Hash routing (Hash Layers, Roller et al. 2021): each token id goes to k experts fixed by a random "
+    "token-id hash table drawn at initialisation (saved with the weights), with gate 1. Routing is a fixed random "
+    "token-id hash: there are no router parameters, and routing depends on the token id only, not on its context.",
+    "expert_choice": "Expert Choice routing (Zhou et al. 2022): in training, routing depends on the other tokens of "
+    "the batch: each expert picks its top-C tokens (C = capacity factor x k x tokens / E) by softmax score, so a "
+    "token may get any number of experts, zero included. At inference each token takes its top-k experts by the "
+    "same scores, a departure from the paper: batch-level routing is non-causal (a token's experts would depend on "
+    "later tokens and on the rest of the batch), so causal evaluation and generation use the per-token rule.",
+    "sparsemixer": "SparseMixer-v2 routing (GRIN, Liu et al. 2024): top-k by rounds, experts far below the best "
+    "masked out, the chosen expert sampled in training with GRIN's gradient estimator for the discrete choice "
+    "(midpoint method), the best one at inference; with the Switch load-balancing loss.",
+    "lory": "Lory (Zhong et al. 2024): the sequence is cut into segments; segment j runs one FFN whose weights are "
+    "the experts' weights merged with the softmax router weights computed from the mean hidden state of segment "
+    "j - 1 (soft merging of all experts, no discrete routing, no balancing loss). The first segment is routed by "
+    "itself with stop-gradient (its mean, so its merge weights see all of its tokens, later ones included). There "
+    "is no KV cache: generation recomputes the sequence at every step "
+    "(`use_cache=False`, the config's default). Its routing statistics count each token's dominant expert.",
+}
+# The regulariser line of the routing table, for routers trained without one.
+NO_REGULARISER = {
+    "hash": "none (fixed hash routing: nothing to balance or sparsify)",
+    "expert_choice": "none (balanced by construction: every expert takes C tokens in training)",
+    "lory": "none (soft merging of all experts; Lory adds no balancing loss)",
+}
 _TASK_DATASETS = {
     "remoe_arith": "remoe embedded corpus, held-out math (arithmetic multiple choice)",
     "remoe_ppl_code": "remoe embedded corpus, held-out code",
@@ -198,8 +233,11 @@ def _controller_rows(config, metrics: TrainingMetrics | None, model) -> Rows:
             rows.append(("Final L1 coefficient λ", format_number(metrics.l1_coef)))
         else:
             rows.append(("L1 coefficient λ saved with the weights", format_number(model.l1_coef)))
-    else:
+    elif config.uses_balancing_loss:
         rows = [("Load-balancing loss weight", format_number(config.router_aux_loss_coef))]
+    else:
+        rows = [("Regulariser", NO_REGULARISER.get(config.router_type, "none"))]
+    rows += _router_setting_rows(config)
     return rows + _present(
         [
             ("Target sparsity", metrics.target_sparsity),
@@ -208,6 +246,26 @@ def _controller_rows(config, metrics: TrainingMetrics | None, model) -> Rows:
             ("Validation experts per token", metrics.validation_experts_per_token),
         ]
     )
+
+
+def _router_setting_rows(config) -> Rows:
+    """The settings of the paper's other baselines (router knobs, and what their statistics count)."""
+    if config.router_type == "hash":
+        return [("Hash table seed", str(config.router_hash_seed)), ("Router parameters", "none")]
+    if config.router_type == "expert_choice":
+        return [
+            ("Capacity factor (training)", format_number(config.router_capacity_factor)),
+            ("Inference routing", f"per-token top-{config.routed_top_k} by the router's scores"),
+        ]
+    if config.router_type == "sparsemixer":
+        return [("Jitter eps (masking)", format_number(config.router_jitter_eps))]
+    if config.router_type == "lory":
+        return [
+            ("Segment length (tokens)", format_number(config.segment_length)),
+            ("KV cache", "none (generation recomputes the sequence)"),
+            ("Sparsity statistics", "count the dominant expert of each segment's merge"),
+        ]
+    return []
 
 
 def _validation_rows(metrics: TrainingMetrics | None) -> list[tuple[str, str, str]]:
@@ -307,11 +365,34 @@ def _summary(config, counts: dict[str, int]) -> str:
             f"{config.num_hidden_layers} layers, {config.num_routed_experts} experts per MoE layer, "
             f"target k = {config.num_experts_per_tok} ({active} of {total} parameters active per token)."
         )
+    layers = f"{config.num_hidden_layers} layers, {config.num_routed_experts} experts per MoE layer"
     if config.router_type == "topk":
         return (
             f"A TopK-routed Mixture-of-Experts causal language model (the ReMoE paper's baseline): "
-            f"{config.num_hidden_layers} layers, {config.num_routed_experts} experts per MoE layer, "
-            f"k = {config.routed_top_k} ({active} of {total} parameters active per token)."
+            f"{layers}, k = {config.routed_top_k} ({active} of {total} parameters active per token)."
+        )
+    if config.router_type == "hash":
+        return (
+            f"A Hash-routed Mixture-of-Experts causal language model (a baseline of the ReMoE paper): {layers}, each "
+            f"token id routed to k = {config.routed_top_k} experts by a fixed random hash ({active} of {total} "
+            "parameters active per token; no router parameters)."
+        )
+    if config.router_type == "expert_choice":
+        return (
+            f"An Expert-Choice-routed Mixture-of-Experts causal language model (a baseline of the ReMoE paper): "
+            f"{layers}, k = {config.routed_top_k} experts per token on average in training, exactly k at inference "
+            f"({active} of {total} parameters active per token)."
+        )
+    if config.router_type == "sparsemixer":
+        return (
+            f"A SparseMixer-v2-routed (GRIN) Mixture-of-Experts causal language model (a baseline of the ReMoE "
+            f"paper): {layers}, k = {config.routed_top_k} ({active} of {total} parameters active per token)."
+        )
+    if config.router_type == "lory":
+        return (
+            f"A Lory Mixture-of-Experts causal language model (a baseline of the ReMoE paper): {layers}, merged "
+            f"softly into one FFN per segment of {config.segment_length} tokens ({active} of {total} parameters in "
+            "the merged FFN a token runs; every expert contributes to the merge)."
         )
     return f"A dense LLaMA-style causal language model ({total} parameters), the ReMoE paper's dense baseline."
 
@@ -399,6 +480,8 @@ def render_model_card(
         repo_id=repo_id,
         summary=_summary(config, counts),
         router_type=config.router_type,
+        router_description=ROUTER_DESCRIPTIONS.get(config.router_type, ""),
+        uses_l1_controller=config.uses_l1_controller,
         arch=arch,
         arch_rows=arch_rows,
         training_rows=_training_rows(metrics, run, state),

@@ -23,6 +23,7 @@ ALLOWED_IMPORTS = frozenset(
         "copy",
         "dataclasses",
         "enum",
+        "fractions",
         "functools",
         "huggingface_hub.dataclasses",
         "itertools",

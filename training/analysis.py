@@ -23,6 +23,17 @@ from .run_config import check_writable_folder
 
 DEAD_EXPERT_FRACTION = 1 / 64  # of the tokens an expert would get under perfect balance
 TOP_TOKENS = 10  # most frequent tokens listed per expert
+# What the routing statistics count where they are not per-token routing decisions of a trained router (figure
+# labels and the printed report); `active_experts` in the model file is the rule.
+ROUTING_NOTES = {
+    "lory": "Lory merges all experts softly per segment; the statistics count each token's dominant expert "
+    "(the largest merge weight of its segment)",
+    "expert_choice": "Expert Choice at inference: each token takes its top-k experts by the router's scores (in "
+    "training each expert picks its top-C tokens of the batch)",
+    "hash": "Hash routing: each token id's experts are fixed by a random table (no router parameters)",
+    "sparsemixer": "SparseMixer-v2 at inference: each token takes its top-k experts (training samples them)",
+}
+_FIGURE_NOTES = {"lory": "dominant expert", "expert_choice": "inference top-k"}
 
 
 class RoutingRecorder:
@@ -233,6 +244,8 @@ def plot_figures(recorder: RoutingRecorder, summary: dict, output_dir: Path, min
     paths = []
     layers = summary["layers"]
     label = f"{summary['router_type']} router, E={summary['num_experts']}"
+    if summary["router_type"] in _FIGURE_NOTES:
+        label += f", {_FIGURE_NOTES[summary['router_type']]}"
 
     fig, axis = plt.subplots(figsize=(7, 3.5))
     axis.bar(range(len(layers)), [layer["sparsity"] for layer in layers], color="#2ca02c")
@@ -345,7 +358,9 @@ def analyze(
     are listed; `compare_to` a checkpoint of the same architecture whose routing of the same blocks is compared."""
     config = check_checkpoint(model_dir)
     if not config.has_experts:
-        raise ValueError(f"{model_dir}: remoe analyze needs a ReMoE model with router_type relu or topk, not dense")
+        raise ValueError(
+            f"{model_dir}: remoe analyze needs a ReMoE model with experts (any router_type but dense), not dense"
+        )
     if max_blocks_per_domain < 1 or batch_size < 1:
         raise ValueError(
             f"max_blocks_per_domain and batch_size must be >= 1, got {max_blocks_per_domain}, {batch_size}"
@@ -388,6 +403,8 @@ def report_lines(summary: dict, tokens_shown: int = 5) -> str:
     """The printed part of the summary: dead experts per layer, the flip rate, each expert's top tokens."""
     dead = ", ".join(str(len(layer["dead_experts"])) for layer in summary["layers"])
     lines = [f"dead experts per layer (under 1/64 of a balanced load): {dead}"]
+    if summary.get("router_type") in ROUTING_NOTES:
+        lines.insert(0, f"note: {ROUTING_NOTES[summary['router_type']]}")
     stability = summary.get("routing_stability")
     if stability:
         per_layer = " ".join(f"{rate:.3f}" for rate in stability["flip_rate_per_layer"])

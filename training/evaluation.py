@@ -319,7 +319,12 @@ def evaluate_checkpoint(
     names = _split_names(tasks)
     if not names:
         raise ValueError("tasks: give at least one task name, e.g. --tasks remoe")
-    _check_eval_args(model_dir, limit, batch_size, num_fewshot, max_length)
+    config = _check_eval_args(model_dir, limit, batch_size, num_fewshot, max_length)
+    if config.router_type == "lory" and batch_size > 1:
+        # Lory's segments (the first one routed by its own mean) leave padding out only where the model is given the
+        # attention mask, and lm-eval's HFLM calls a causal model without one: batches of one pad nothing.
+        logger.warning("router_type='lory': evaluating one sequence at a time (--batch_size 1), not %d", batch_size)
+        batch_size = 1
     results_path = _results_path(model_dir, output_path)
     try:
         import lm_eval
@@ -422,7 +427,7 @@ def _domain_results(lm, tasks: list[str], limit: int | None, batch_size: int) ->
             "router_type": config.router_type,
             "sparsity": sparsity,
             "experts_per_token": experts_per_token,
-            "target_sparsity": config.target_sparsity,
+            "target_sparsity": config.target_sparsity if config.uses_l1_controller else None,
             "sparsity_per_layer": per_layer,
             "positions": total_positions,
         }
@@ -461,9 +466,12 @@ def format_results(results: dict[str, Any], raw: dict[str, Any] | None = None) -
             lines.append(f"|{domain}|{stats['task']}|{stats['documents']}|{stats['tokens']}|{'|'.join(cells)}|")
         if results.get("routing"):
             routing = results["routing"]
+            target = routing.get("target_sparsity")
             lines.append(
                 f"\nrouting sparsity of the evaluated text: {routing['sparsity']:.4f} "
-                f"({routing['experts_per_token']:.3f} experts per token; target {routing['target_sparsity']:.4f})"
+                f"({routing['experts_per_token']:.3f} experts per token"
+                + (f"; target {target:.4f})" if target is not None else ")")
+                + (" (lory: the dominant expert of each merge)" if routing.get("router_type") == "lory" else "")
             )
     return "\n".join(lines)
 

@@ -12,6 +12,12 @@ from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, reso
 from remoe.modeling_remoe import active_experts
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `--show_routing`'s counts mean where they are not the experts a router picked for the token.
+ROUTING_NOTES = {
+    "lory": "lory merges all experts softly per segment: each count is the dominant expert (1)",
+    "expert_choice": "expert_choice at inference: each token takes its top-k experts (batch-level routing is "
+    "training only)",
+}
 
 
 def _validate(
@@ -33,7 +39,14 @@ def _validate(
 
 @torch.no_grad()
 def experts_per_new_token(model, sequence: torch.Tensor, prompt_length: int) -> list[list[int]]:
-    """For each token after the prompt, the number of experts it used in each MoE layer."""
+    """For each token after the prompt, the number of experts it used in each MoE layer (`active_experts`, the
+    inference rule: per-token top-k for Expert Choice, the dominant expert of the segment's merge for Lory).
+
+    The whole sequence is routed in one forward without a KV cache. Every router but Lory's routes a token from its
+    own past, so this is the routing generation used. Lory (which generates without a cache, recomputing the sequence
+    at every step) routes segment j from segment j - 1, also the same here, except the first segment, routed by its
+    own mean: here that of the whole first segment, during generation that of the tokens so far. Its count is one
+    (the dominant expert) either way."""
     router_logits = model(sequence[None], output_router_logits=True, use_cache=False).router_logits
     counts = torch.stack([active_experts(logits, model.config).sum(-1) for logits in router_logits], dim=1)
     return counts[prompt_length:].tolist()
@@ -57,7 +70,9 @@ def generate(
     device = resolve_device(device)
     config = check_checkpoint(model_dir)
     if show_routing and not config.has_experts:
-        raise ValueError(f"--show_routing needs a ReMoE model with router_type relu or topk; {model_dir} is dense")
+        raise ValueError(
+            f"--show_routing needs a ReMoE model with experts (any router_type but dense); {model_dir} is dense"
+        )
     tokenizer = load_tokenizer(model_dir)
     load_options = {"dtype": dtype}
     if experts_implementation is not None:
@@ -85,6 +100,8 @@ def generate(
                 {"token": tokenizer.decode([token_id]), "experts_per_layer": counts}
                 for token_id, counts in zip(new_ids.tolist(), per_layer, strict=True)
             ]
+            if config.router_type in ROUTING_NOTES:
+                result["routing_note"] = ROUTING_NOTES[config.router_type]
         results.append(result)
     return results
 
@@ -108,6 +125,8 @@ def run(args: argparse.Namespace) -> None:
         return
     for result in results:
         print(result["prompt"] + result["completion"])
+        if "routing_note" in result:
+            print(f"  ({result['routing_note']})")
         for entry in result.get("routing", []):
             counts = entry["experts_per_layer"]
             print(f"  {entry['token']!r:>16}  experts per layer {counts}  mean {sum(counts) / len(counts):.2f}")

@@ -51,12 +51,16 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
     """Write loss, sparsity and lambda against step (from `Trainer.state.log_history`) to a PNG.
 
     When the log has `remoe/loss_lm` and `remoe/loss_reg` (the LM loss and the weighted regulariser: `lambda * L_reg`
-    for ReLU routing, the balancing term for TopK), the LM loss is drawn next to the total loss and the regulariser
-    gets a panel of its own (log scale), as in the paper's Fig. 4."""
+    for ReLU routing, the balancing term for TopK and SparseMixer-v2), the LM loss is drawn next to the total loss and
+    the regulariser gets a panel of its own (log scale), as in the paper's Fig. 4. Routers trained without a
+    regulariser (Hash, Expert Choice, Lory: their logged term is 0) get no such panel. The sparsity panel marks
+    ReMoE's target `1 - k/E`; for the other routers the same line is the sparsity of k experts per token (for Lory,
+    whose merge uses every expert, the statistics count the dominant one)."""
     rows = [entry for entry in log_history if "loss" in entry]
     steps = [entry["step"] for entry in rows]
     routed = [entry for entry in rows if "remoe/sparsity" in entry]
-    terms = [entry for entry in rows if "remoe/loss_lm" in entry and "remoe/loss_reg" in entry]
+    has_regularizer = config.uses_l1_controller or config.uses_balancing_loss
+    terms = [entry for entry in rows if "remoe/loss_lm" in entry and "remoe/loss_reg" in entry and has_regularizer]
     names = ["loss", *(["regularizer"] if terms else []), *(["sparsity"] if routed else [])]
     if config.uses_l1_controller and routed:
         names.append("lambda")
@@ -66,10 +70,12 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
 
     panel["loss"].plot(steps, [entry["loss"] for entry in rows], color="#1f77b4", label="training loss")
     panel["loss"].set_ylabel("training loss")
-    panel["loss"].set_title(
-        f"{config.router_type} router, E={config.num_experts}, k={config.num_experts_per_tok}, G={config.granularity}",
-        pad=16,
+    title = (
+        f"{config.router_type} router, E={config.num_experts}, k={config.num_experts_per_tok}, G={config.granularity}"
     )
+    if config.has_experts and not has_regularizer:
+        title += " (no regulariser)"
+    panel["loss"].set_title(title, pad=16)
     if terms:
         term_steps = [entry["step"] for entry in terms]
         regularizer = "λ·L_reg" if config.uses_l1_controller else "balancing loss term"
@@ -89,8 +95,9 @@ def plot_training_curves(log_history: list[dict], config, path: str | Path) -> P
         sparsity = [entry["remoe/sparsity"] for entry in routed]
         axis = panel["sparsity"]
         axis.plot(route_steps, sparsity, color="#2ca02c", label="sparsity")
-        axis.axhline(config.target_sparsity, color="black", linestyle="--", linewidth=1, label="target 1 - k/E")
-        axis.set_ylabel("sparsity")
+        reference = "target 1 - k/E" if config.uses_l1_controller else "1 - k/E (k experts per token)"
+        axis.axhline(config.target_sparsity, color="black", linestyle="--", linewidth=1, label=reference)
+        axis.set_ylabel("sparsity" if config.router_type != "lory" else "sparsity (dominant expert)")
         axis.legend(loc="lower right")
     if config.uses_l1_controller and routed:
         panel["lambda"].semilogy(route_steps, [entry["remoe/l1_coef"] for entry in routed], color="#d62728")

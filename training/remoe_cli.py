@@ -57,6 +57,54 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _finite_positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+# The knobs of the ReMoE paper's other baselines: config field -> the router type it applies to (the same table as
+# remoe.training.run_config.ROUTER_SPECIFIC_FLAGS; tests/test_routers_cli.py checks they agree).
+ROUTER_SPECIFIC_FLAGS = {
+    "router_hash_seed": "hash",
+    "router_capacity_factor": "expert_choice",
+    "router_jitter_eps": "sparsemixer",
+    "router_segment_length": "lory",
+}
+
+
+def _add_baseline_router_flags(parser) -> None:
+    """--router_hash_seed, --router_capacity_factor, --router_jitter_eps, --router_segment_length; None when not
+    given (the config's defaults then apply)."""
+    parser.add_argument(
+        "--router_hash_seed",
+        type=non_negative_int,
+        help="hash: seed of the random token-id -> experts table (default 0)",
+    )
+    parser.add_argument(
+        "--router_capacity_factor",
+        type=_finite_positive_float,
+        help="expert_choice: each expert takes C = ceil(factor * k * G * T / (E * G)) of a batch's T tokens "
+        "(default 1.0)",
+    )
+    parser.add_argument(
+        "--router_jitter_eps",
+        type=_finite_positive_float,
+        help="sparsemixer: experts more than 2 * eps (relative) below the best are masked before sampling "
+        "(default 0.01)",
+    )
+    parser.add_argument(
+        "--router_segment_length",
+        type=positive_int,
+        help="lory: tokens per segment (default 256, at most max_position_embeddings // 4); must be smaller than "
+        "the block size",
+    )
+
+
 def _add_run_source(parser) -> None:
     parser.add_argument("--config", help="YAML file with model/data/training sections (instead of --preset)")
     parser.add_argument("--preset", help=f"packaged preset: {', '.join(PRESETS)} (default: tiny)")
@@ -109,6 +157,7 @@ def add_train_parser(subparsers) -> None:
         help="TopK: the balancing loss summed over the MoE layers (default, as Megatron) or averaged",
     )
     _add_topk_routing_flags(parser, "off", "off")
+    _add_baseline_router_flags(parser)
     _add_training_flags(parser)
     parser.add_argument("--dataset", help="'builtin' (embedded corpus), a local file/folder, or a Hub dataset name")
     parser.add_argument("--domains", nargs="+", help="train and evaluate on these domains only (e.g. code math)")
@@ -153,6 +202,21 @@ def add_compare_parser(subparsers) -> None:
     parser.add_argument("--num_experts_per_tok", type=positive_int)
     parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0, 1, 2])
     parser.add_argument("--max_steps", type=positive_int)
+    group = parser.add_argument_group(
+        "router knobs (each passed only to the runs of the router it applies to, so the other runs are reused)"
+    )
+    _add_baseline_router_flags(group)
+    parser.add_argument(
+        "--eval_tasks",
+        nargs="+",
+        metavar="TASK",
+        help="lm-eval tasks run on every finished run's model (e.g. remoe_arith remoe_ppl_code remoe_ppl_docs, or the "
+        "tag remoe); results cached in each run folder (compare_eval_results.json), mean ± std in compare.json/.md",
+    )
+    parser.add_argument(
+        "--eval_limit", type=positive_int, help="with --eval_tasks: only the first N documents per task"
+    )
+    parser.add_argument("--eval_batch_size", type=positive_int, default=8, help="with --eval_tasks (default 8)")
     parser.add_argument("--output_dir", default="outputs/compare")
     parser.set_defaults(handler="remoe.training.compare:run")
 

@@ -55,8 +55,23 @@ CONTINUATION_FLAGS = (
     "router_renormalize",
     "router_sampling",
 )
+# The knobs of the ReMoE paper's other baselines, each with the router type it applies to: a flag given for another
+# router is refused (`remoe compare` passes each only to the runs of its router).
+ROUTER_SPECIFIC_FLAGS = {
+    "router_hash_seed": "hash",
+    "router_capacity_factor": "expert_choice",
+    "router_jitter_eps": "sparsemixer",
+    "router_segment_length": "lory",
+}
 # CLI flags that land in the model config; everything else that is not None goes to `data` or `training`.
-MODEL_FLAGS = ("router_type", "num_experts", "num_experts_per_tok", "granularity", *CONTINUATION_FLAGS)
+MODEL_FLAGS = (
+    "router_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "granularity",
+    *CONTINUATION_FLAGS,
+    *ROUTER_SPECIFIC_FLAGS,
+)
 DATA_FLAGS = ("dataset", "domains", "tokenizer", "text_column", "block_size", "vocab_size", "max_eval_blocks")
 TRAINING_FLAGS = (
     "max_steps",
@@ -324,6 +339,8 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             "--tokenizer to reproduce it",
             source,
         )
+    if not options.get("model_name_or_path"):  # else the checkpoint's router; `_continued_model` refuses the knobs
+        _check_router_specific_flags(options, run["model"].get("router_type", "relu"))
     if not options.get("model_name_or_path"):
         check_model_section(run["model"], where)
     check_data_section(run["data"], where)
@@ -346,6 +363,18 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             "graph); use use_reentrant: false (the default)"
         )
     _check_topk_warmup(run["training"], config, where)
+    if config.router_type == "lory" and config.segment_length >= run["data"]["block_size"]:
+        if options.get("router_segment_length"):
+            source = "--router_segment_length"
+        elif config.router_segment_length is not None:
+            source = f"{where}: model.router_segment_length"
+        else:
+            source = "router_segment_length (default: min(256, max_position_embeddings // 4))"
+        raise ValueError(
+            f"{source}: lory's segments of {config.segment_length} tokens must be shorter than data.block_size "
+            f"({run['data']['block_size']}): a sequence of one segment is routed by itself with stop-gradient, so "
+            "the router would never train; pass --router_segment_length below the block size (Lory: 256 of 4096)"
+        )
     if options.get("freeze_experts") and not config.has_experts:
         raise ValueError("--freeze_experts: the model is dense (router_type='dense'), it has no experts to freeze")
     if run["data"]["block_size"] > config.max_position_embeddings:
@@ -354,6 +383,15 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             f"({config.max_position_embeddings}); use a block size of at most {config.max_position_embeddings}"
         )
     return run, config
+
+
+def _check_router_specific_flags(options: dict[str, Any], router_type: str) -> None:
+    """A router knob given on the command line must be the run's router's (`ROUTER_SPECIFIC_FLAGS`)."""
+    for name, applies_to in ROUTER_SPECIFIC_FLAGS.items():
+        if options.get(name) is not None and router_type != applies_to:
+            raise ValueError(
+                f"--{name} applies to router_type {applies_to!r} only; this run's router_type is {router_type!r}"
+            )
 
 
 def _check_topk_warmup(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:

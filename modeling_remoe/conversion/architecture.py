@@ -25,6 +25,15 @@ logger = logging.getLogger(__name__)
 DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "remoe")
 MOE_MODEL_TYPES = ("mixtral", "remoe")
 # MoE families whose layout ReMoE cannot represent exactly, with the reason.
+# ReMoE router types a conversion can read (and write): the others' experts are not routed per token by a router
+# matrix that another router could take over (see `read_architecture`).
+CONVERTIBLE_ROUTER_TYPES = ("relu", "topk", "dense")
+_UNCONVERTIBLE_ROUTERS = {
+    "hash": "its routing is a fixed token-id hash table, with no router weights to carry over",
+    "expert_choice": "its router was trained for batch-level expert choice, not per-token routing",
+    "sparsemixer": "its router was trained with SparseMixer-v2's sampled top-k and gradient estimator",
+    "lory": "its experts were trained to be merged softly per segment, not routed per token",
+}
 UNSUPPORTED_MOE_MODEL_TYPES = {
     "qwen3_moe": "its attention has per-head RMSNorm on queries and keys (q_norm/k_norm), which ReMoE does not have",
     "olmoe": "its attention has RMSNorm on queries and keys (q_norm/k_norm), which ReMoE does not have",
@@ -131,6 +140,13 @@ def read_architecture(checkpoint: SafetensorsCheckpoint) -> Architecture:
     config = AutoConfig.from_pretrained(path)
     fields = _common_fields(config, path)
     if model_type == "remoe":
+        if config.router_type not in CONVERTIBLE_ROUTER_TYPES:
+            raise ValueError(
+                f"{str(path)!r}: router_type {config.router_type!r} cannot be converted, upcycled or mixed "
+                f"({_UNCONVERTIBLE_ROUTERS.get(config.router_type, 'not a ReLU or TopK router')}); conversions read "
+                f"ReMoE checkpoints with router_type {', '.join(map(repr, CONVERTIBLE_ROUTER_TYPES))}. To keep "
+                "training it, use `remoe train --model_name_or_path`"
+            )
         bias = "all" if config.attention_bias else "none"
         if config.router_type == "dense":
             return Architecture(

@@ -174,6 +174,12 @@ def convert(
 ) -> Path:
     """`remoe convert`: a dense Llama / Mistral / Qwen2 checkpoint becomes a dense ReMoE (`router_type` None or
     `"dense"`), an MoE checkpoint (Mixtral, ReMoE) a ReMoE with `router_type` (default `"relu"`)."""
+    if router_type not in (None, "dense", *MIX_ROUTER_TYPES):
+        raise ValueError(
+            f"router_type (--router_type) {router_type!r}: convert writes ReLU- or TopK-routed ReMoE models "
+            f"({', '.join(MIX_ROUTER_TYPES)}) or dense ones; a {router_type} model is trained from scratch "
+            f"(`remoe train --router_type {router_type}`)"
+        )
     with open_checkpoints([source]) as (checkpoint,):
         arch = read_architecture(checkpoint)
     if not arch.moe_layout:
