@@ -126,45 +126,53 @@ def build_models(dims: dict, vocab_size: int) -> dict[str, Callable[[], torch.nn
         num_attention_heads=dims["num_attention_heads"],
         num_key_value_heads=dims["num_key_value_heads"],
         max_position_embeddings=dims["max_position_embeddings"],
-        num_experts_per_tok=dims["num_experts_per_tok"],
     )
     experts, intermediate = dims["num_experts"], dims["intermediate_size"]
+    granularity = dims.get("granularity", 1)
+    # ReMoE splits each expert into G itself; the Transformers models get the same E*G experts of width I/G, k*G each.
+    remoe_common = {**common, "num_experts_per_tok": dims["num_experts_per_tok"], "granularity": granularity}
+    fine = {
+        **common,
+        "num_experts_per_tok": dims["num_experts_per_tok"] * granularity,
+        "intermediate_size": intermediate // granularity,
+    }
 
     def remoe_baseline(router_type: str) -> Callable[[], torch.nn.Module]:
         extra = {}
         if router_type == "lory":  # Lory's own rule would give one segment per benchmark sequence: use 4
             extra["router_segment_length"] = max(1, dims.get("bench_seq_len", 128) // 4)
         return lambda: ReMoEForCausalLM(
-            ReMoEConfig(**common, intermediate_size=intermediate, num_experts=experts, router_type=router_type, **extra)
+            ReMoEConfig(
+                **remoe_common, intermediate_size=intermediate, num_experts=experts, router_type=router_type, **extra
+            )
         )
 
     baselines = {
         f"remoe-{router_type}": remoe_baseline(router_type)
         for router_type in ("hash", "expert_choice", "sparsemixer", "lory")
+        if router_type != "lory" or granularity == 1  # Lory merges whole experts: k=1, G=1 only
     }
     return {
         **baselines,
         "remoe-relu": lambda: ReMoEForCausalLM(
-            ReMoEConfig(**common, intermediate_size=intermediate, num_experts=experts, router_type="relu")
+            ReMoEConfig(**remoe_common, intermediate_size=intermediate, num_experts=experts, router_type="relu")
         ),
         "remoe-topk": lambda: ReMoEForCausalLM(
-            ReMoEConfig(**common, intermediate_size=intermediate, num_experts=experts, router_type="topk")
+            ReMoEConfig(**remoe_common, intermediate_size=intermediate, num_experts=experts, router_type="topk")
         ),
         "mixtral": lambda: MixtralForCausalLM(
             MixtralConfig(
-                **common,
-                intermediate_size=intermediate,
-                num_local_experts=experts,
+                **fine,
+                num_local_experts=experts * granularity,
                 output_router_logits=True,
                 router_aux_loss_coef=0.01,
             )
         ),
         "qwen3-moe": lambda: Qwen3MoeForCausalLM(
             Qwen3MoeConfig(
-                **common,
-                moe_intermediate_size=intermediate,
-                intermediate_size=intermediate,
-                num_experts=experts,
+                **fine,
+                moe_intermediate_size=intermediate // granularity,
+                num_experts=experts * granularity,
                 norm_topk_prob=False,
                 output_router_logits=True,
                 router_aux_loss_coef=0.01,
@@ -412,8 +420,9 @@ def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, deco
 def expert_gemm_shapes(dims: dict, tokens: int) -> dict[str, tuple[int, int, int]]:
     """(m, k, n) of the six matmuls of one expert in a training step at the mean tokens per expert: gate_up and down,
     each forward (x @ W.T), input gradient (dy @ W) and weight gradient (dy.T @ x), laid out as autograd runs them."""
-    hidden, intermediate = dims["hidden_size"], dims["intermediate_size"]
-    per_expert = max(1, round(tokens * dims["num_experts_per_tok"] / dims["num_experts"]))
+    granularity = dims.get("granularity", 1)
+    hidden, intermediate = dims["hidden_size"], dims["intermediate_size"] // granularity
+    per_expert = max(1, round(tokens * dims["num_experts_per_tok"] / dims["num_experts"]))  # k*G / (E*G)
     return {
         "gate_up_forward": (per_expert, hidden, 2 * intermediate),
         "gate_up_input_grad": (per_expert, 2 * intermediate, hidden),
@@ -481,7 +490,7 @@ def run(args) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     for preset in args.presets:
-        dims = load_preset(preset)["model"]
+        dims = {**load_preset(preset)["model"], **args.model_overrides}
         vocab_size = args.vocab_size or (4096 if preset == "tiny" else 50304)
         torch.manual_seed(0)
         tokens = torch.randint(0, vocab_size, (args.batch_size, args.seq_len), device=device)
@@ -492,7 +501,7 @@ def run(args) -> list[dict]:
             for name, build in build_models({**dims, "bench_seq_len": args.seq_len}, vocab_size).items()
             if name in models_asked
         }
-        builders = {name: builders[name] for name in models_asked}  # the order asked for
+        builders = {name: builders[name] for name in models_asked if name in builders}  # the order asked for
         needed = sum(training_bytes(build) for build in builders.values())
         available = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
         swap = args.swap_models == "always" or (args.swap_models == "auto" and needed > 0.6 * available)
@@ -564,6 +573,32 @@ def _format_limit_row(preset: str, limit: dict) -> str:
     return f"{preset:>6} {'gemm-limit':<19} {label:<11} {blank} {limit['gflops']:>8.1f} {'100%':>8}"
 
 
+OVERRIDABLE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "num_experts_per_tok",
+    "granularity",
+)
+
+
+def parse_model_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    """`FIELD=N` pairs -> {field: N}, each field one of `OVERRIDABLE_FIELDS` and N an integer >= 1."""
+    overrides = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        if field not in OVERRIDABLE_FIELDS or not value.isdigit() or int(value) < 1:
+            parser.error(
+                f"--model_overrides: {item!r} must be FIELD=N with N an integer >= 1 and FIELD one of "
+                f"{', '.join(OVERRIDABLE_FIELDS)}"
+            )
+        overrides[field] = int(value)
+    return overrides
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny"], help="model sizes from remoe.configuration")
@@ -628,8 +663,17 @@ def main() -> None:
         help="apply remoe.training.allocator.keep_freed_memory() first, as `remoe train` does (default: glibc's "
         "defaults, every freed multi-MB buffer handed back to the OS)",
     )
+    parser.add_argument(
+        "--model_overrides",
+        nargs="+",
+        default=[],
+        metavar="FIELD=N",
+        help=f"integer model fields that replace the preset's, for every preset ({', '.join(OVERRIDABLE_FIELDS)}), "
+        "e.g. num_experts=32 granularity=4",
+    )
     parser.add_argument("--output", help="JSON path (default benchmarks/results/bench_model_<device>.json)")
     args = parser.parse_args()
+    args.model_overrides = parse_model_overrides(parser, args.model_overrides)
     if args.smoke:
         given = set(sys.argv[1:])
         for flag, value in (

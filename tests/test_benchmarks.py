@@ -119,3 +119,40 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path):
     assert model["settings"]["autocast"] == "bf16"
     assert {row["experts"] for row in model["results"]} == {"eager", "grouped_mm"}
     assert all(row["train_tokens_per_s"] > 0 for row in model["results"]), model["results"]
+
+
+def _bench_model_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_model", ROOT / "benchmarks" / "bench_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_model_overrides_give_every_contestant_the_same_fine_grained_experts():
+    """`--model_overrides granularity=G` gives ReMoE G-way split experts and the Transformers models the same E*G experts
+    of width I/G with k*G per token, so the active parameters stay equal; Lory (G=1 only) is left out."""
+    import argparse
+
+    bench_model = _bench_model_module()
+    parser = argparse.ArgumentParser()
+    overrides = bench_model.parse_model_overrides(parser, ["num_experts=4", "granularity=2"])
+    assert overrides == {"num_experts": 4, "granularity": 2}
+    for bad in (["granularity=0"], ["dropout=1"], ["num_experts=x"]):
+        with pytest.raises(SystemExit):
+            bench_model.parse_model_overrides(parser, bad)
+
+    dims = {**TINY_DIMS, **overrides}
+    builders = bench_model.build_models(dims, vocab_size=64)
+    assert "remoe-lory" not in builders
+    relu, mixtral, qwen = builders["remoe-relu"](), builders["mixtral"](), builders["qwen3-moe"]()
+    remoe_experts = relu.model.layers[0].mlp.experts
+    mixtral_experts = mixtral.model.layers[0].mlp.experts
+    assert remoe_experts.gate_up_proj.shape == mixtral_experts.gate_up_proj.shape
+    assert remoe_experts.gate_up_proj.shape[0] == 4 * 2
+    assert mixtral.config.num_experts_per_tok == relu.config.routed_top_k == TINY_DIMS["num_experts_per_tok"] * 2
+    assert qwen.config.num_experts == 8 and qwen.config.moe_intermediate_size == TINY_DIMS["intermediate_size"] // 2
+    shapes = bench_model.expert_gemm_shapes(dims, tokens=64)
+    # 64 tokens x k*G = 2 pairs over E*G = 8 experts: 16 rows per expert, each of width I/G = 32.
+    assert shapes["down_forward"] == (16, 32, TINY_DIMS["hidden_size"])
