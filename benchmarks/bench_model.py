@@ -579,6 +579,7 @@ OVERRIDABLE_FIELDS = (
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
+    "max_position_embeddings",
     "num_experts",
     "num_experts_per_tok",
     "granularity",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -382,7 +383,8 @@ def _plot_curves(runs: dict[Setting, list[Run]], path: Path) -> None:
                     label=label if index == 0 else None,
                 )
     names = list(dict.fromkeys(router_type for router_type, _, _ in runs))
-    title = " vs ".join(ROUTER_NAMES.get(name, name) for name in names) + " (same active parameters and tokens)"
+    title = " vs ".join(ROUTER_NAMES.get(name, name) for name in names)
+    title = textwrap.fill(title, width=70) + "\n(same active parameters and tokens)"
     loss_axis.set(ylabel="training loss", title=title)
     ylabel = "routing sparsity" + (" (lory: dominant expert)" if "lory" in names else "")
     sparsity_axis.set(xlabel="optimizer step", ylabel=ylabel)
