@@ -447,6 +447,24 @@ def test_accelerate_launch_deepspeed_settings_are_checked_and_used(workspace, tm
     assert resolve() == {"deepspeed": None, "expert_parallel_size": 1}  # ZeRO-3 without EP is fine
 
 
+def test_lory_refuses_expert_parallel_before_any_work(monkeypatch):
+    """Lory merges all experts' parameters per segment: expert parallelism is refused by the run's checks and by
+    `enable_expert_parallel` itself, with the field named."""
+    from remoe import ReMoEConfig, ReMoEForCausalLM
+    from remoe.training.distributed import resolve_parallel_options
+    from remoe.training.expert_parallel import enable_expert_parallel
+
+    model = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    model.update(num_attention_heads=2, num_key_value_heads=2, num_experts=4, router_type="lory")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run = {"model": model, "data": {}, "training": {}}
+    with pytest.raises(ValueError, match=r"expert_parallel_size=2 does not apply to router_type='lory'"):
+        resolve_parallel_options({"expert_parallel_size": 2}, run)
+    assert resolve_parallel_options({}, run) == {"deepspeed": None, "expert_parallel_size": 1}
+    with pytest.raises(ValueError, match="router_type='lory'"):
+        enable_expert_parallel(ReMoEForCausalLM(ReMoEConfig(**model)), ep_size=2)
+
+
 def test_publishing_a_save_replaces_weights_and_keeps_other_files(tmp_path):
     """The staged save's files replace the earlier save's weights (stale shards removed, other files kept), and the
     earlier config.json is gone before any new weight lands."""

@@ -95,14 +95,12 @@ def validate_distributed_options(
     return deepspeed
 
 
-def _routed_experts(options: dict[str, Any], run: dict[str, dict]) -> int | None:
+def _model_config(options: dict[str, Any], run: dict[str, dict]):
     from remoe import ReMoEConfig
 
     if options.get("model_name_or_path"):
-        config = ReMoEConfig.from_pretrained(options["model_name_or_path"])
-    else:
-        config = ReMoEConfig(**run["model"])
-    return config.num_routed_experts if config.has_experts else None
+        return ReMoEConfig.from_pretrained(options["model_name_or_path"])
+    return ReMoEConfig(**run["model"])
 
 
 def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict], model_config=None) -> dict[str, Any]:
@@ -122,9 +120,14 @@ def resolve_parallel_options(options: dict[str, Any], run: dict[str, dict], mode
     if deepspeed is None and ep_size == 1:
         return {"deepspeed": None, "expert_parallel_size": 1}
     if model_config is None:
-        num_routed_experts = _routed_experts(options, run)
-    else:
-        num_routed_experts = model_config.num_routed_experts if model_config.has_experts else None
+        model_config = _model_config(options, run)
+    num_routed_experts = model_config.num_routed_experts if model_config.has_experts else None
+    if ep_size > 1 and model_config.router_type == "lory":
+        raise ValueError(
+            f"expert_parallel_size={ep_size} does not apply to router_type='lory': every segment merges the "
+            "parameters of all experts, so there are no (token, expert) pairs to send to the experts' ranks; use "
+            "expert_parallel_size 1 (data parallel or DeepSpeed ZeRO still apply)"
+        )
     if deepspeed is None and accelerate_deepspeed:
         # DeepSpeed configured inline in the accelerate config: Accelerate builds it; only its stage is checked.
         stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from remoe.modeling_remoe import ReMoEExperts, ReMoEForCausalLM
+from remoe.modeling_remoe import ReMoEExperts, ReMoEForCausalLM, ReMoELoryMoeBlock
 
 try:  # DeepSpeed recognises expert-parallel layers (and their checkpoint layout) by this base class.
     from deepspeed.moe.layer import MoE as _DeepSpeedMoE
@@ -232,7 +232,7 @@ def enable_expert_parallel(model: ReMoEForCausalLM, ep_size: int) -> ReMoEForCau
         raise ValueError(f"expert_parallel_size must be >= 1, got {ep_size}")
     if ep_size == 1 or expert_parallel_size(model) == ep_size:
         return model
-    if model.config.router_type == "lory":
+    if any(isinstance(module, ReMoELoryMoeBlock) for module in model.modules()):
         raise ValueError(
             "expert_parallel_size > 1 does not apply to router_type='lory': every segment merges the parameters of "
             "all experts, so there are no (token, expert) pairs to send to the experts' ranks"
