@@ -382,7 +382,8 @@ def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[i
 class ExpertsLinear(torch.autograd.Function):
     """`rows (P, in)` grouped by expert (`counts[e]` rows for expert e, in order) times `weight (E, out, in)`:
     `(P, out)`, one matmul per expert with rows and none for the others. Backward writes every expert's weight
-    gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking afterwards."""
+    gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking afterwards, and
+    only the experts without rows are zero-filled."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -395,7 +396,7 @@ class ExpertsLinear(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         rows, weight = ctx.saved_tensors
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         start = 0
         for expert, count in enumerate(ctx.counts):
             if count:
@@ -405,6 +406,10 @@ class ExpertsLinear(torch.autograd.Function):
                 if grad_weight is not None:
                     torch.mm(grad.t(), rows[start : start + count], out=grad_weight[expert])
                 start += count
+            elif grad_weight is not None:  # only the experts without rows are zeroed, not the whole buffer first
+                grad_weight[expert].zero_()
+        if grad_weight is not None and len(ctx.counts) < len(grad_weight):
+            grad_weight[len(ctx.counts) :].zero_()
         return grad_rows, grad_weight, None
 
 

@@ -362,6 +362,39 @@ def test_eager_backward_allocates_no_weight_gradient_per_expert(path):
     assert experts.gate_up_proj.grad.shape == experts.gate_up_proj.shape
 
 
+class _DirtyEmptyTensors(TorchDispatchMode):
+    """Fills every tensor `empty`/`empty_like` returns with NaN, as reused memory may hold anything."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if (
+            func in (torch.ops.aten.empty_like.default, torch.ops.aten.empty.memory_format)
+            and result.is_floating_point()
+        ):
+            result.fill_(float("nan"))
+        return result
+
+
+@pytest.mark.parametrize("path", ["model_eager", "kernels_eager"])
+def test_eager_weight_gradient_of_experts_without_rows_is_zero_in_uninitialised_memory(path):
+    config = _config(remoe.configuration_remoe, num_experts=8, hidden=32, intermediate=48)
+    experts = _experts(modeling_remoe, config, "eager")
+    hidden_states = torch.randn(40, 32, requires_grad=True)
+    gates = _relu_gates(40, 8)
+    gates[:, [2, 5]] = 0.0  # two experts without rows
+    gates.requires_grad_()
+    if path == "model_eager":
+        output = modeling_remoe.experts_over_active_pairs(experts, hidden_states, gates)
+    else:
+        output = sparse_moe_mlp(hidden_states, gates, experts.gate_up_proj, experts.down_proj, implementation="eager")
+    with _DirtyEmptyTensors():
+        output.sum().backward()
+    for weight in (experts.gate_up_proj, experts.down_proj):
+        assert torch.isfinite(weight.grad).all()
+        assert not weight.grad[[2, 5]].any()
+        assert weight.grad[[0, 1]].abs().sum() > 0
+
+
 # --- decoding skips empty experts ----------------------------------------------------------------------------------
 
 
