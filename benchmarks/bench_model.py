@@ -8,7 +8,8 @@ controller update) with the peak memory of a step above the model and its optimi
 tokens/s with the KV cache. The training step's matmul FLOPs are counted exactly once per model (`FlopCounterMode`, on
 the "eager" experts, which compute only the routed pairs) and reported as achieved GFLOP/s; with `--gemm_limit` the
 machine's own matmul rate at the experts' GEMM shapes (gate_up and down, forward and both backward products, at the
-benchmark's mean tokens per expert) is measured too, and each row states its fraction of that limit. ReMoE is measured
+benchmark's mean tokens per expert) is measured too, in every round as one more contestant, and each row states its
+fraction of that limit (the median over rounds of its GFLOP/s over the limit of the same round). ReMoE is measured
 in its stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real
 controller (short training at a high learning rate); the experts per token seen while timing are reported. When all
 models would not fit in memory together (the 182m preset on a small machine), each is saved once and loaded back for its
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import platform
@@ -373,7 +375,7 @@ class ModelUnderTest:
                 results[implementation]["train_flops_per_step"] = self.train_flops
                 results[implementation]["train_gflops"] = self.train_flops / median["train"] / 1e9
             results[implementation]["train_seconds_per_round"] = [
-                round(seconds, 4) for seconds in self.seconds[implementation]["train"]
+                round(seconds, 6) for seconds in self.seconds[implementation]["train"]
             ]
             if self.experts_per_token[implementation]:
                 results[implementation]["experts_per_token"] = statistics.fmean(self.experts_per_token[implementation])
@@ -385,10 +387,17 @@ def _rotated(items: list, shift: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, decode_tokens: int, repeats: int) -> None:
+def measure_round_robin(
+    models: list[ModelUnderTest],
+    tokens: torch.Tensor,
+    decode_tokens: int,
+    repeats: int,
+    probe: Callable[[], None] | None = None,
+) -> None:
     """Warm up every implementation once (measuring the peak memory of a training step once the optimizer state
     exists), then time the models in turns, `repeats` rounds, with the order rotating, so that a change in the
-    machine's load hits every contestant alike; medians are reported."""
+    machine's load hits every contestant alike; medians are reported. `probe` (the GEMM limit) takes its turn in
+    every round like a model."""
     for model in tqdm(models, desc="warm-up", leave=False):
         model.load(tokens)
         for implementation in model.working_implementations:
@@ -403,7 +412,10 @@ def measure_round_robin(models: list[ModelUnderTest], tokens: torch.Tensor, deco
             model.count_train_flops(tokens)
         model.unload()
     for round_index in tqdm(range(repeats), desc="rounds", leave=False):
-        for model in _rotated(models, round_index):
+        for model in _rotated([*models, probe] if probe else models, round_index):
+            if model is probe:
+                probe()
+                continue
             model.load(tokens)
             for implementation in _rotated(model.working_implementations, round_index):
                 _sync(tokens.device)
@@ -479,6 +491,33 @@ def measure_gemm_limit(
     }
 
 
+def _measure_into(rounds: list[dict], *args) -> None:
+    rounds.append(measure_gemm_limit(*args))
+
+
+def summarise_gemm_limits(rounds: list[dict]) -> dict:
+    """The GEMM limit over the rounds it was measured in: median GFLOP/s overall and per shape, with every round's."""
+    first = rounds[0]
+    shapes = {
+        name: {**shape, "gflops": statistics.median(one["shapes"][name]["gflops"] for one in rounds)}
+        for name, shape in first["shapes"].items()
+    }
+    return {
+        "dtype": first["dtype"],
+        "tokens_per_expert": first["tokens_per_expert"],
+        "gflops": statistics.median(one["gflops"] for one in rounds),
+        "gflops_per_round": [round(one["gflops"], 4) for one in rounds],
+        "shapes": shapes,
+    }
+
+
+def fraction_of_limit(flops: int, train_seconds: list[float], limit_per_round: list[float]) -> float:
+    """The median over rounds of the training step's GFLOP/s over the GEMM limit measured in the same round."""
+    return statistics.median(
+        flops / seconds / 1e9 / limit for seconds, limit in zip(train_seconds, limit_per_round, strict=True)
+    )
+
+
 def training_bytes(build: Callable[[], torch.nn.Module]) -> int:
     """Memory a model needs to train with AdamW (weights, gradients, two moments), counted on the meta device."""
     with torch.device("meta"):
@@ -533,17 +572,23 @@ def run(args) -> list[dict]:
                     )
                 )
                 del model
-            measure_round_robin(models, tokens, args.decode_tokens, args.repeats)
+            limit_rounds, probe = [], None
+            if args.gemm_limit:
+                dtype = AUTOCAST_DTYPES.get(args.autocast, torch.float32)
+                probe = functools.partial(_measure_into, limit_rounds, dims, tokens.numel(), device, dtype)
+            measure_round_robin(models, tokens, args.decode_tokens, args.repeats, probe)
         limit = None
         if args.gemm_limit:
-            limit = measure_gemm_limit(dims, tokens.numel(), device, AUTOCAST_DTYPES.get(args.autocast, torch.float32))
+            limit = summarise_gemm_limits(limit_rounds)
             args.gemm_limits[preset] = limit
             print(_format_limit_row(preset, limit), flush=True)
         for model in models:
             for implementation, result in model.results(tokens, args.decode_tokens).items():
                 row = {"preset": preset, "model": model.name, "experts": implementation, "swapped": swap, **result}
                 if limit is not None and "train_gflops" in row:
-                    row["fraction_of_gemm_limit"] = row["train_gflops"] / limit["gflops"]
+                    row["fraction_of_gemm_limit"] = fraction_of_limit(
+                        row["train_flops_per_step"], model.seconds[implementation]["train"], limit["gflops_per_round"]
+                    )
                 if model.name == "remoe-relu":
                     row["calibration_steps"] = calibration_steps
                 rows.append(row)

@@ -50,7 +50,7 @@ def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_p
     preset.write_text(yaml.safe_dump({"model": TINY_DIMS}))
     output = tmp_path / "bench.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--presets", str(preset)]
-    command += ["--batch_size", "2", "--seq_len", "16", "--decode_tokens", "2", "--repeats", "1"]
+    command += ["--batch_size", "2", "--seq_len", "16", "--decode_tokens", "2", "--repeats", "2"]
     command += ["--calibration_steps", "1", "--vocab_size", "64", "--device", "cpu", "--swap_models", "never"]
     command += ["--models", "remoe-relu", "mixtral", "--transformers_implementations", "eager", "grouped_mm"]
     command += ["--gemm_limit", "--keep_freed_memory", "--output", str(output)]
@@ -67,6 +67,9 @@ def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_p
     shape = limit["shapes"]["gate_up_forward"]
     assert (shape["m"], shape["k"], shape["n"]) == (tokens_per_expert, hidden, 2 * intermediate)
     assert len(limit["shapes"]) == 6 and all(shape["gflops"] > 0 for shape in limit["shapes"].values())
+    assert len(limit["gflops_per_round"]) == 2 and limit["gflops"] == pytest.approx(
+        sum(limit["gflops_per_round"]) / 2, rel=1e-3
+    )  # timed in turns with the models, once per round
     assert any(line.split()[1:2] == ["gemm-limit"] for line in completed.stdout.splitlines()), completed.stdout
 
     rows = {(row["model"], row["experts"]): row for row in payload["results"]}
@@ -81,7 +84,11 @@ def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_p
         assert len(flops) == 1 and flops.pop() >= floor  # counted once per model, credited to every implementation
     for row in rows.values():
         assert row["train_gflops"] == pytest.approx(row["train_flops_per_step"] * row["train_tokens_per_s"] / 32 / 1e9)
-        assert row["fraction_of_gemm_limit"] == pytest.approx(row["train_gflops"] / limit["gflops"])
+        per_round = [
+            row["train_flops_per_step"] / seconds / 1e9 / limit_gflops
+            for seconds, limit_gflops in zip(row["train_seconds_per_round"], limit["gflops_per_round"], strict=True)
+        ]
+        assert row["fraction_of_gemm_limit"] == pytest.approx(sum(per_round) / 2, rel=1e-3)  # median of 2: the mean
 
 
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
