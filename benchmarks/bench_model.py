@@ -9,7 +9,7 @@ tokens/s with the KV cache. The training step's matmul FLOPs are counted exactly
 the "eager" experts, which compute only the routed pairs) and reported as achieved GFLOP/s; with `--gemm_limit` the
 machine's own matmul rate at the experts' GEMM shapes (gate_up and down, forward and both backward products, at the
 benchmark's mean tokens per expert) is measured too, in every round as one more contestant, and each row states its
-fraction of that limit (the median over rounds of its GFLOP/s over the limit of the same round). ReMoE is measured
+fraction of that limit (medians over the same rounds for both). ReMoE is measured
 in its stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real
 controller (short training at a high learning rate); the experts per token seen while timing are reported. When all
 models would not fit in memory together (the 182m preset on a small machine), each is saved once and loaded back for its
@@ -511,13 +511,6 @@ def summarise_gemm_limits(rounds: list[dict]) -> dict:
     }
 
 
-def fraction_of_limit(flops: int, train_seconds: list[float], limit_per_round: list[float]) -> float:
-    """The median over rounds of the training step's GFLOP/s over the GEMM limit measured in the same round."""
-    return statistics.median(
-        flops / seconds / 1e9 / limit for seconds, limit in zip(train_seconds, limit_per_round, strict=True)
-    )
-
-
 def training_bytes(build: Callable[[], torch.nn.Module]) -> int:
     """Memory a model needs to train with AdamW (weights, gradients, two moments), counted on the meta device."""
     with torch.device("meta"):
@@ -586,9 +579,7 @@ def run(args) -> list[dict]:
             for implementation, result in model.results(tokens, args.decode_tokens).items():
                 row = {"preset": preset, "model": model.name, "experts": implementation, "swapped": swap, **result}
                 if limit is not None and "train_gflops" in row:
-                    row["fraction_of_gemm_limit"] = fraction_of_limit(
-                        row["train_flops_per_step"], model.seconds[implementation]["train"], limit["gflops_per_round"]
-                    )
+                    row["fraction_of_gemm_limit"] = row["train_gflops"] / limit["gflops"]
                 if model.name == "remoe-relu":
                     row["calibration_steps"] = calibration_steps
                 rows.append(row)
