@@ -367,6 +367,19 @@ def sparsemixer_gates(router_logits: torch.Tensor, top_k: int, jitter_eps: float
     return gates
 
 
+# On CPU, a product of 2-7 rows with a weight runs about twice as fast as `weight @ rows.T` (MKL takes the narrow
+# side as its vector side) than as `rows @ weight.T`; 1 row and 8 or more are as fast either way (measured).
+_FEW_ROWS = range(2, 8)
+
+
+def _block_times_weight(block: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """`out = block @ weight.T` (`block (n, in)`, `weight (out, in)`), as `(weight @ block.T).T` for a few rows on CPU."""
+    if block.device.type == "cpu" and len(block) in _FEW_ROWS:
+        out.copy_(torch.mm(weight, block.t()).t())
+    else:
+        torch.mm(block, weight.t(), out=out)
+
+
 def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """`(P, out)`: each expert's block of `rows` (grouped by expert, `counts[e]` rows) times `weight[e].T`, one matmul
     per expert with rows."""
@@ -374,7 +387,7 @@ def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[i
     start = 0
     for expert, count in enumerate(counts):
         if count:
-            torch.mm(rows[start : start + count], weight[expert].t(), out=output[start : start + count])
+            _block_times_weight(rows[start : start + count], weight[expert], output[start : start + count])
             start += count
     return output
 
@@ -424,8 +437,6 @@ def _experts_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int])
         rows = rows.to(weight.dtype)
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
         return ExpertsLinear.apply(rows, weight, counts)
-    if len(counts) - counts.count(0) == 1:  # one expert (a decoded token): one plain matmul
-        return F.linear(rows, weight[next(e for e, count in enumerate(counts) if count)])
     return _rows_times_experts(rows, weight, counts)
 
 
