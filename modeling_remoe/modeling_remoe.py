@@ -510,12 +510,17 @@ class ReMoEExperts(nn.Module):
         return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
+# Experts this large (elements of one expert's gate_up weight) are bound by reading their weights when decoding, so the
+# loop's faster few-row products pay for its per-expert overhead; smaller ones are bound by that overhead (measured).
+_LARGE_EXPERT = 2**20
+
+
 def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """Whether this call should run the loop over the experts with rows instead of `grouped_mm`: on CPU,
-    `grouped_mm` runs one matmul per expert whether it has rows or not, and multiplies a block of a few rows the slow
-    way round (`_FEW_ROWS`), so when decoding (no gradients) with fewer than 8 rows per expert on average, the loop does
-    the same work minus the empty experts' matmuls, faster. Not under `torch.compile`, whose graphs keep the pair
-    count symbolic."""
+    """Whether this call should run the loop over the experts with rows instead of `grouped_mm`. On CPU, `grouped_mm`
+    runs one matmul per expert whether it has rows or not, and multiplies a block of a few rows the slow way round
+    (`_FEW_ROWS`). So when decoding (no gradients), the loop runs with fewer rows than experts (some experts then
+    necessarily have none) and, for large experts, with fewer than 8 rows per expert on average. Not under
+    `torch.compile`, whose graphs keep the pair count symbolic."""
     if (
         torch.compiler.is_compiling()
         or not isinstance(experts, ReMoEExperts)
@@ -525,7 +530,10 @@ def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k
         or experts.config._experts_implementation != "grouped_mm"
     ):
         return False
-    return top_k_index.numel() < _FEW_ROWS.stop * experts.num_experts
+    rows, num_experts = top_k_index.numel(), experts.num_experts
+    if experts.gate_up_proj[0].numel() >= _LARGE_EXPERT:
+        return rows < _FEW_ROWS.stop * num_experts
+    return rows < num_experts
 
 
 def run_experts(

@@ -439,6 +439,31 @@ def test_decoding_runs_no_matmul_for_experts_without_rows(code, implementation, 
     assert matmuls == 2 * used
 
 
+def test_cpu_decoding_picks_the_loop_for_few_rows_and_for_large_experts_up_to_8_rows_per_expert(code):
+    """`grouped_mm` configs decode through the loop with fewer rows than experts, and, for experts of at least 2**20
+    gate_up elements (bound by reading their weights), up to 8 rows per expert on average; not with gradients."""
+    modeling, configuration = code
+    large = _experts(modeling, _config(configuration, num_experts=2, hidden=512, intermediate=1024), "grouped_mm")
+    small = _experts(modeling, _config(configuration, num_experts=2, hidden=32, intermediate=64), "grouped_mm")
+    with torch.no_grad():
+        picks = {
+            (name, rows): modeling._decode_runs_the_loop(experts, torch.zeros(rows, 1), torch.zeros(rows, 1))
+            for name, experts in (("large", large), ("small", small))
+            for rows in (1, 4, 15, 16)
+        }
+    assert picks == {
+        ("large", 1): True,
+        ("large", 4): True,
+        ("large", 15): True,
+        ("large", 16): False,
+        ("small", 1): True,
+        ("small", 4): False,
+        ("small", 15): False,
+        ("small", 16): False,
+    }
+    assert not modeling._decode_runs_the_loop(large, torch.zeros(1, 1), torch.zeros(1, 1))  # gradients enabled
+
+
 def test_kernel_loop_runs_no_matmul_for_experts_without_tokens():
     gate_up_proj, down_proj = torch.randn(16, 64, 32), torch.randn(16, 32, 32)
     hidden_states, gates = torch.randn(2, 32), torch.zeros(2, 16).index_fill_(1, torch.tensor([3, 9]), 0.5)
