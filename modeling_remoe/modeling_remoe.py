@@ -367,14 +367,17 @@ def sparsemixer_gates(router_logits: torch.Tensor, top_k: int, jitter_eps: float
     return gates
 
 
-# On CPU, MKL multiplies a block of 2-7 rows by a weight about 1.5x faster as `weight @ rows.T` than as
-# `rows @ weight.T`; for 1 row, and for 8 or more, both are as fast (measured at the experts' shapes).
+# On CPU, MKL multiplies a block of 2-7 rows by a large weight (at least `_LARGE_MATRIX` elements, whose reading
+# bounds the product) about 1.5x faster as `weight @ rows.T` than as `rows @ weight.T`; for 1 row, for 8 or more, and
+# for small weights (bound by per-call overhead) the plain product is as fast or faster (measured).
 _FEW_ROWS = range(2, 8)
+_LARGE_MATRIX = 2**19
 
 
 def _block_times_weight(block: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """`out = block @ weight.T` (`block (n, in)`, `weight (out, in)`), as `(weight @ block.T).T` for a few rows on CPU."""
-    if block.device.type == "cpu" and len(block) in _FEW_ROWS:
+    """`out = block @ weight.T` (`block (n, in)`, `weight (out, in)`), as `(weight @ block.T).T` for a few rows and a
+    large weight on CPU."""
+    if block.device.type == "cpu" and len(block) in _FEW_ROWS and weight.numel() >= _LARGE_MATRIX:
         out.copy_(torch.mm(weight, block.t()).t())
     else:
         torch.mm(block, weight.t(), out=out)
@@ -510,17 +513,13 @@ class ReMoEExperts(nn.Module):
         return eager_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-# Experts this large (elements of one expert's gate_up weight) are bound by reading their weights when decoding, so the
-# loop's faster few-row products pay for its per-expert overhead; smaller ones are bound by that overhead (measured).
-_LARGE_EXPERT = 2**20
-
-
 def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """Whether this call should run the loop over the experts with rows instead of `grouped_mm`. On CPU, `grouped_mm`
     runs one matmul per expert whether it has rows or not, and multiplies a block of a few rows the slow way round
     (`_FEW_ROWS`). So when decoding (no gradients), the loop runs with fewer rows than experts (some experts then
-    necessarily have none) and, for large experts, with fewer than 8 rows per expert on average. Not under
-    `torch.compile`, whose graphs keep the pair count symbolic."""
+    necessarily have none) and, for large experts (`_LARGE_MATRIX`), whose faster few-row products pay for the
+    loop's per-expert overhead, with fewer than 8 rows per expert on average. Not under `torch.compile`, whose graphs
+    keep the pair count symbolic."""
     if (
         torch.compiler.is_compiling()
         or not isinstance(experts, ReMoEExperts)
@@ -531,7 +530,7 @@ def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k
     ):
         return False
     rows, num_experts = top_k_index.numel(), experts.num_experts
-    if experts.gate_up_proj[0].numel() >= _LARGE_EXPERT:
+    if experts.down_proj[0].numel() >= _LARGE_MATRIX:
         return rows < _FEW_ROWS.stop * num_experts
     return rows < num_experts
 

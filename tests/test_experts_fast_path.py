@@ -277,14 +277,17 @@ def test_decoding_matches_the_dense_reference(code, implementation, routing):
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(("hidden", "intermediate"), [(32, 16), (512, 1024)])
 @pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
-def test_decoding_a_batch_matches_the_reference_for_every_rows_per_expert(code, implementation):
-    """A decoded batch sends 1 to 9 rows to each expert (experts with a few rows multiply the other way round on
-    CPU): every block size gives the reference values."""
+def test_decoding_a_batch_matches_the_reference_for_every_rows_per_expert(code, implementation, hidden, intermediate):
+    """A decoded batch sends 1 to 9 rows to each expert (large experts' blocks of a few rows multiply the other way
+    round on CPU): every block size gives the reference values."""
     modeling, configuration = code
-    experts = _experts(modeling, _config(configuration, num_experts=9, hidden=32, intermediate=16), implementation)
+    config = _config(configuration, num_experts=9, hidden=hidden, intermediate=intermediate)
+    experts = _experts(modeling, config, implementation)
+    assert (experts.down_proj[0].numel() >= modeling._LARGE_MATRIX) == (hidden == 512)
     expert_of_row = torch.cat([torch.full((count,), expert) for expert, count in enumerate(range(1, 10))])
-    hidden_states = torch.randn(len(expert_of_row), 32)
+    hidden_states = torch.randn(len(expert_of_row), hidden)
     gates = torch.zeros(len(expert_of_row), 9).index_put_(
         (torch.arange(len(expert_of_row)), expert_of_row), torch.rand(len(expert_of_row)) + 0.1
     )
@@ -440,8 +443,8 @@ def test_decoding_runs_no_matmul_for_experts_without_rows(code, implementation, 
 
 
 def test_cpu_decoding_picks_the_loop_for_few_rows_and_for_large_experts_up_to_8_rows_per_expert(code):
-    """`grouped_mm` configs decode through the loop with fewer rows than experts, and, for experts of at least 2**20
-    gate_up elements (bound by reading their weights), up to 8 rows per expert on average; not with gradients."""
+    """`grouped_mm` configs decode through the loop with fewer rows than experts, and, for experts of at least 2**19
+    H·I elements (bound by reading their weights), up to 8 rows per expert on average; not with gradients."""
     modeling, configuration = code
     large = _experts(modeling, _config(configuration, num_experts=2, hidden=512, intermediate=1024), "grouped_mm")
     small = _experts(modeling, _config(configuration, num_experts=2, hidden=32, intermediate=64), "grouped_mm")
