@@ -1118,8 +1118,9 @@ def _check_router_gradients(router_logits: tuple[torch.Tensor, ...], model: nn.M
         if any(weight.requires_grad for weight in routers):
             raise ValueError(
                 "the router logits carry no gradient, so the ReMoE regulariser / balancing loss would not train the "
-                "router: gradient checkpointing with use_reentrant=True is not supported; use "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default)"
+                "router: activation (gradient) checkpointing with use_reentrant=True is not supported; use "
+                "activation_checkpointing_kwargs={'use_reentrant': False} (the default; gradient_checkpointing_kwargs "
+                "before Transformers 5.23)"
             )
 
 

@@ -2,6 +2,7 @@
 the two loss terms apart in the logs, traps that would train the router silently wrong, TopK's near-dense warmup and
 the granularity sweep."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,6 +10,7 @@ import math
 import pytest
 import torch
 import yaml
+from transformers import TrainingArguments
 
 import remoe
 from remoe.modeling_remoe import switch_load_balancing_loss
@@ -95,22 +97,41 @@ def test_scaled_output_init_and_no_padding_row():
     assert embedding.weight.grad[3].abs().sum() > 0
 
 
-def test_reentrant_gradient_checkpointing_is_refused_instead_of_untrained_routers(tmp_path):
+def _enable_checkpointing(model, use_reentrant: bool) -> None:
+    """Transformers 5.23 renamed `gradient_checkpointing_enable`; the old name stays for older releases."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+def test_reentrant_gradient_checkpointing_is_refused_instead_of_untrained_routers():
     model = remoe.ReMoEForCausalLM(tiny_config()).train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _enable_checkpointing(model, use_reentrant=True)
     input_ids = _batch(model.config)
     with pytest.raises(ValueError, match="use_reentrant"):
         model(input_ids, labels=input_ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model, use_reentrant=False)
     output = model(input_ids, labels=input_ids)
     output.loss.backward()
     assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
 
-    run = {**SMALL_RUN, "training": {**SMALL_RUN["training"], "gradient_checkpointing": True}}
-    run["training"]["gradient_checkpointing_kwargs"] = {"use_reentrant": True}
+
+# Transformers 5.24 renamed the training arguments to `activation_checkpointing[_kwargs]`; the old names are aliases.
+CHECKPOINTING_ARGUMENTS = [
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {field.name for field in dataclasses.fields(TrainingArguments)}
+]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTING_ARGUMENTS)
+def test_reentrant_checkpointing_in_the_run_config_is_refused_before_training(tmp_path, capsys, name):
+    run = {**SMALL_RUN, "training": {**SMALL_RUN["training"], name: True, f"{name}_kwargs": {"use_reentrant": True}}}
     path = tmp_path / "reentrant.yaml"
     path.write_text(yaml.safe_dump(run))
     assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"training.{name}_kwargs.use_reentrant=true" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
