@@ -3,18 +3,48 @@ import torch
 
 import remoe
 
-TINY_DIMS = dict(
-    vocab_size=97,
+# A toy Llama-family architecture (the dense source models of the conversion tests share it).
+TINY_ARCH = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=64,
+)
+TINY_DIMS = dict(
+    vocab_size=97,
+    **TINY_ARCH,
     num_experts=4,
     num_experts_per_tok=1,
     initializer_range=0.05,
 )
+
+# The `model` section of the small run configs the CLI tests write (TINY_DIMS' architecture; the vocabulary comes from
+# the tokenizer).
+SMALL_MODEL = {name: TINY_DIMS[name] for name in TINY_DIMS if name not in ("vocab_size", "initializer_range")}
+# Words of the toy corpora the CLI and distributed tests generate.
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+]
 
 
 def tiny_config(**overrides) -> remoe.ReMoEConfig:

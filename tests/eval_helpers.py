@@ -21,19 +21,9 @@ import remoe
 from remoe.training.cli import main as remoe_main
 from remoe.training.data import build_embedded_corpus, train_tokenizer
 
-MODEL = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "num_experts": 4,
-    "num_experts_per_tok": 1,
-    "router_type": "relu",
-    "l1_coef_init": 1e-4,
-    "initializer_range": 0.05,
-}
+from .conftest import SMALL_MODEL
+
+MODEL = {**SMALL_MODEL, "router_type": "relu", "l1_coef_init": 1e-4, "initializer_range": 0.05}
 DOCS_PER_DOMAIN = {"train": {"code": 20, "docs": 20, "math": 200}, "validation": {"code": 3, "docs": 3, "math": 30}}
 
 

@@ -17,38 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from remoe.training.trainer import CHECKPOINT_COMPLETE
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-    "nu",
-    "xi",
-    "omicron",
-    "pi",
-    "rho",
-    "sigma",
-    "tau",
-]
+from .conftest import SMALL_MODEL, WORDS
+
 RUN = {
-    "model": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "num_experts": 4,
-        "l1_coef_init": 1e-4,
-    },
+    "model": {**SMALL_MODEL, "l1_coef_init": 1e-4},
     "data": {"vocab_size": 300, "block_size": 16, "max_eval_blocks": 2},
     "training": {
         "max_steps": 4,

@@ -14,14 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 import remoe
 from remoe.training.data import train_tokenizer
 
-TINY_ARCH = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+from .conftest import TINY_ARCH
 
 
 def run_cli(argv: list[str]) -> int:

@@ -25,14 +25,11 @@ import remoe
 from remoe import conversion
 from remoe.modeling_remoe import ReMoERouter
 
+from .conftest import TINY_ARCH
+
 TINY = dict(
     vocab_size=100,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
+    **TINY_ARCH,
     initializer_range=0.2,  # large weights: every part of the network visibly changes the logits
 )
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")

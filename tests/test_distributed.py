@@ -30,7 +30,7 @@ from remoe.training.distributed import packaged_deepspeed_config
 from remoe.training.train import train
 from remoe.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
-from .conftest import save_tiny_checkpoint, tiny_config
+from .conftest import WORDS, save_tiny_checkpoint, tiny_config
 
 WORKER = Path(__file__).with_name("dist_workers.py")
 CLI_HOOKS = Path(__file__).with_name("cli_hooks")
@@ -133,27 +133,7 @@ def workspace(tmp_path_factory) -> Path:
     """A jsonl corpus, a tokenizer and an initial toy model (saved, so every process starts from the same weights)."""
     root = tmp_path_factory.mktemp("dist")
     rng = random.Random(0)
-    words = [
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-        "epsilon",
-        "zeta",
-        "eta",
-        "theta",
-        "iota",
-        "kappa",
-        "lambda",
-        "mu",
-        "nu",
-        "xi",
-        "omicron",
-        "pi",
-        "rho",
-        "sigma",
-    ]
-    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 60))) for _ in range(300)]
+    docs = [" ".join(rng.choice(WORDS[:18]) for _ in range(rng.randint(20, 60))) for _ in range(300)]
     (root / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
     # l1_coef_init: large enough to move the routing, small enough that no layer ever routes *no* token in a step:
     # then the one-process experts get no gradient at all and torch's AdamW skips them, while DeepSpeed steps them

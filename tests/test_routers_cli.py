@@ -15,32 +15,14 @@ from remoe.training.cli import main
 from remoe.training.run_config import ROUTER_SPECIFIC_FLAGS, resolve_run, write_run_config
 
 from .conftest import save_tiny_checkpoint, tiny_config
+from .test_train_cli import SMALL_RUN as TRAIN_CLI_RUN
 
 NEW_ROUTERS = ("hash", "expert_choice", "sparsemixer", "lory")
 TEXTS = ["def add(a, b):\n    return a + b\n", "The quick brown fox jumps over the lazy dog.", "12 + 30 = 42"] * 20
-SMALL_RUN = {
-    "model": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "num_experts": 4,
-        "num_experts_per_tok": 1,
-        "router_type": "relu",
-    },
-    "data": {"dataset": "builtin", "vocab_size": 384, "block_size": 32, "max_eval_blocks": 2},
-    "training": {
-        "max_steps": 2,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "disable_tqdm": True,
-        "use_cpu": True,
-    },
+SMALL_RUN = {  # test_train_cli's run without the regulariser's initial coefficient, shorter
+    "model": {name: value for name, value in TRAIN_CLI_RUN["model"].items() if name != "l1_coef_init"},
+    "data": {**TRAIN_CLI_RUN["data"], "max_eval_blocks": 2},
+    "training": {**TRAIN_CLI_RUN["training"], "max_steps": 2, "logging_steps": 1, "save_steps": 2},
 }
 
 

@@ -8,19 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import remoe  # noqa: F401  (registers the Auto classes)
 from remoe.training.cli import main
 
+from .conftest import SMALL_MODEL
+
 SMALL_RUN = {
-    "model": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-        "num_experts": 4,
-        "num_experts_per_tok": 1,
-        "router_type": "relu",
-        "l1_coef_init": 1e-4,
-    },
+    "model": {**SMALL_MODEL, "router_type": "relu", "l1_coef_init": 1e-4},
     "data": {"dataset": "builtin", "vocab_size": 384, "block_size": 32, "max_eval_blocks": 3},
     "training": {
         "max_steps": 6,
