@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.integrations.moe import ExpertsInterface, use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface, use_experts_implementation
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -31,7 +31,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_remoe import ReMoEConfig, experts_implementations
 
-# Transformers' experts functions (`batched_mm`, `grouped_mm`, ...), plus the Triton kernels when `remoe` is installed.
+# Transformers' experts functions (`batched_mm`, `sonicmoe`, ...), ReMoE's `grouped_mm` (Transformers' function with a
+# CPU decoding shortcut, below), plus the Triton kernels when `remoe` is installed.
 REMOE_EXPERTS_FUNCTIONS = ExpertsInterface()
 try:
     from remoe.kernels import IMPLEMENTATIONS as _KERNEL_IMPLEMENTATIONS
@@ -514,19 +515,17 @@ class ReMoEExperts(nn.Module):
 
 
 def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """Whether this call should run the loop over the experts with rows instead of `grouped_mm`. On CPU, `grouped_mm`
+    """Whether this `grouped_mm` call should run the loop over the experts with rows instead. On CPU, `grouped_mm`
     runs one matmul per expert whether it has rows or not, and multiplies a block of a few rows the slow way round
     (`_FEW_ROWS`). So when decoding (no gradients), the loop runs with fewer rows than experts (some experts then
     necessarily have none) and, for large experts (`_LARGE_MATRIX`), whose faster few-row products pay for the
     loop's per-expert overhead, with fewer than 8 rows per expert on average. Not under `torch.compile`, whose graphs
-    keep the pair count symbolic."""
+    keep the pair count symbolic, nor on sharded (DTensor) weights."""
     if (
         torch.compiler.is_compiling()
-        or not isinstance(experts, ReMoEExperts)
         or hidden_states.device.type != "cpu"
         or torch.is_grad_enabled()
-        or getattr(experts, "config", None) is None
-        or experts.config._experts_implementation != "grouped_mm"
+        or type(experts.down_proj) not in (torch.Tensor, nn.Parameter)  # sharded (DTensor) or another subclass
     ):
         return False
     rows, num_experts = top_k_index.numel(), experts.num_experts
@@ -535,14 +534,19 @@ def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k
     return rows < num_experts
 
 
-def run_experts(
-    experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+def grouped_mm_experts_forward(
+    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """`experts(hidden_states, top_k_index, top_k_weights)` through the configured experts implementation, except
-    that decoding on CPU skips the experts without rows (`_decode_runs_the_loop`; the result is the same)."""
-    if _decode_runs_the_loop(experts, hidden_states, top_k_index):
-        return eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights)
-    return experts(hidden_states, top_k_index, top_k_weights)
+    """ReMoE's `grouped_mm`: Transformers' `grouped_mm` experts function, except that decoding on CPU skips the
+    experts without rows (`_decode_runs_the_loop`; the result is the same). Registered under Transformers' name in
+    ReMoE's experts interface, so it runs inside the experts' `forward`, where Transformers' tensor and expert
+    parallel wrappers enclose it."""
+    if _decode_runs_the_loop(module, hidden_states, top_k_index):
+        return eager_experts_forward(module, hidden_states, top_k_index, top_k_weights)
+    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](module, hidden_states, top_k_index, top_k_weights)
+
+
+REMOE_EXPERTS_FUNCTIONS["grouped_mm"] = grouped_mm_experts_forward
 
 
 # Routers that give every token exactly `routed_top_k` experts (Transformers' fixed-k experts contract applies as is).
@@ -562,7 +566,7 @@ class ReMoESparseMoeBlock(nn.Module):
         _, gates = self.router(hidden_states) if input_ids is None else self.router(hidden_states, input_ids)
         if self.top_k is not None:
             top_k_weights, top_k_index = torch.topk(gates, self.top_k, dim=-1)
-            hidden_states = run_experts(self.experts, hidden_states, top_k_index, top_k_weights)
+            hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
         else:
             hidden_states = experts_over_active_pairs(self.experts, hidden_states, gates)
         return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
@@ -636,9 +640,7 @@ def experts_over_active_pairs(experts: nn.Module, hidden_states: torch.Tensor, g
     """`sum_e gates[:, e] * expert_e(hidden_states)` for gates (T, E) with any number of nonzeros per token: the
     experts get one row per nonzero (token, expert) pair (K = 1), and the outputs are summed back per token."""
     expert_idx, token_idx = (gates.detach() != 0).t().nonzero(as_tuple=True)  # pairs grouped by expert
-    pair_outputs = run_experts(
-        experts, hidden_states[token_idx], expert_idx[:, None], gates[token_idx, expert_idx, None]
-    )
+    pair_outputs = experts(hidden_states[token_idx], expert_idx[:, None], gates[token_idx, expert_idx, None])
     return torch.zeros_like(hidden_states).index_add_(0, token_idx, pair_outputs.to(hidden_states.dtype))
 
 

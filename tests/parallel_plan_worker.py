@@ -1,9 +1,9 @@
 """Worker for tests/test_transformers_integration.py: load saved ReMoE checkpoints with Transformers' own tensor and
-expert parallelism (2 CPU processes over gloo) and record the logits.
+expert parallelism (2 CPU processes over gloo) and record the logits and the greedy continuation.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/parallel_plan_worker.py FOLDER [FOLDER ...] RESULTS.json
 
-Each FOLDER holds a checkpoint and `probe.safetensors` (input ids and the one-process logits).
+Each FOLDER holds a checkpoint and `probe.safetensors` (input ids, the one-process logits and greedy continuation).
 """
 
 import inspect
@@ -43,8 +43,11 @@ def main(folders: list[str], results_path: str) -> None:
             mlp = model.model.layers[0].mlp
             with torch.no_grad():
                 logits = model(probe["input_ids"]).logits
+            new_tokens = probe["generated"].shape[1] - probe["input_ids"].shape[1]
+            generated = model.generate(probe["input_ids"], max_new_tokens=new_tokens, do_sample=False)
             results[f"{os.path.basename(folder)}/{name}"] = {
                 "max_abs_diff": (logits - probe["logits"]).abs().max().item(),
+                "same_generation": torch.equal(generated, probe["generated"]),
                 "sharded": type(mlp.down_proj.weight if dense else mlp.experts.down_proj).__name__ == "DTensor",
             }
     if int(os.environ["RANK"]) == 0:

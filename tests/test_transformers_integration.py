@@ -183,7 +183,9 @@ def test_unknown_experts_implementation_names_the_allowed_ones(make_config):
 def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_config, tmp_path):
     """Transformers' own parallelism, 2 CPU processes: `DistributedConfig(tp_plan="auto")` shards attention and the
     FFN width (dense FFNs and experts), `DistributedConfig(ep_size=2)` (Transformers >= 5.19) shards the experts; the
-    logits equal one process's for ReLU routes (one row per active pair), TopK routes and the dense model."""
+    logits and the greedy continuation with the KV cache (decoding takes the CPU shortcut of ReMoE's `grouped_mm`
+    inside Transformers' parallel wrappers) equal one process's for ReLU routes (one row per active pair), TopK routes
+    and the dense model."""
     folders = []
     for router_type in ROUTER_TYPES:
         model = _model(make_config, router_type, num_experts_per_tok=2, vocab_size=96)  # lm_head splits in 2
@@ -191,7 +193,9 @@ def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_co
         model.save_pretrained(folder)
         input_ids = _prompt(batch=2, length=7, vocab=96)
         with torch.no_grad():
-            save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, folder / "probe.safetensors")
+            probe = {"input_ids": input_ids, "logits": model(input_ids).logits}
+        probe["generated"] = model.generate(input_ids, max_new_tokens=4, do_sample=False)
+        save_file(probe, folder / "probe.safetensors")
         folders.append(str(folder))
     worker = Path(__file__).with_name("parallel_plan_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -206,3 +210,4 @@ def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_co
     for name, result in results.items():
         assert result["sharded"], name
         assert result["max_abs_diff"] < 1e-4, (name, result)
+        assert result["same_generation"], (name, result)
