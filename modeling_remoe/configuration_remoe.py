@@ -1,3 +1,4 @@
+# Copyright 2026 The remoe authors. Licensed under the Apache License, Version 2.0.
 """ReMoE model configuration."""
 
 import math

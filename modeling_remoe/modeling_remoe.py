@@ -1,3 +1,4 @@
+# Copyright 2026 The remoe authors. Licensed under the Apache License, Version 2.0.
 """ReMoE: a LLaMA-style decoder with ReLU-routed (or TopK-routed, or dense) Mixture-of-Experts FFNs.
 
 This file is also shipped as Hub remote code: it imports only torch, transformers and its sibling configuration file.

@@ -216,3 +216,16 @@ def test_every_router_flag_of_remoe_train_reaches_the_model_config():
     }
     run = resolve_run({"preset": "tiny", **flags})
     assert {name: run["model"][name] for name in flags} == flags
+
+
+@pytest.mark.parametrize("router_type", ["relu", "topk"])
+def test_label_smoothing_is_refused_where_it_would_drop_the_router_loss(tmp_path, capsys, router_type):
+    """With `label_smoothing_factor`, Trainer computes the loss from the logits: the regulariser / balancing loss, part
+    of the model's own loss, would silently stop training the router."""
+    model = {**SMALL_RUN["model"], "router_type": router_type}
+    run = {**SMALL_RUN, "model": model, "training": {**SMALL_RUN["training"], "label_smoothing_factor": 0.1}}
+    path = tmp_path / "smoothing.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "training.label_smoothing_factor" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -211,3 +211,28 @@ def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_co
         assert result["sharded"], name
         assert result["max_abs_diff"] < 1e-4, (name, result)
         assert result["same_generation"], (name, result)
+
+
+def test_transformers_name_tables_know_the_base_model_and_the_causal_lm(make_config, tmp_path):
+    """`register` reaches the Auto classes only; Transformers' name tables tell a base model from a causal LM. With
+    them, `Trainer`'s label smoother treats `ReMoEForCausalLM` as a causal LM (token t predicts label t + 1)."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    assert MODEL_MAPPING_NAMES["remoe"] == "ReMoEModel"
+    assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["remoe"] == "ReMoEForCausalLM"
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, label_smoothing_factor=0.1, report_to=[])
+    model = ReMoEForCausalLM(make_config()).eval()
+    trainer = Trainer(model=model, args=args)
+    tokens = _prompt(batch=2, length=9)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": tokens, "labels": tokens.clone()})
+        logits = model(tokens).logits
+    log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+    targets = tokens[:, 1:]
+    nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1).mean()
+    smoothed = -log_probs.mean(dim=-1).mean()
+    torch.testing.assert_close(loss, 0.9 * nll + 0.1 * smoothed)
+    unshifted = LabelSmoother(0.1)({"logits": logits}, tokens)
+    assert not torch.allclose(loss, unshifted)

@@ -372,6 +372,12 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
     if options.get("model_dtype") and not options.get("model_name_or_path"):
         raise ValueError("--model_dtype applies to --model_name_or_path (a new model is always built in float32)")
     _check_reentrant_checkpointing(run["training"], config, where)
+    if (config.uses_l1_controller or config.uses_balancing_loss) and run["training"].get("label_smoothing_factor"):
+        raise ValueError(
+            f"{where}: training.label_smoothing_factor makes the Trainer compute the loss from the logits alone, "
+            f"without the {'ReMoE regulariser' if config.uses_l1_controller else 'balancing loss'} of "
+            f"router_type={config.router_type!r}; leave it at 0"
+        )
     _check_topk_warmup(run["training"], config, where)
     if config.router_type == "lory" and config.segment_length >= run["data"]["block_size"]:
         if options.get("router_segment_length"):
