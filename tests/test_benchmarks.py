@@ -159,3 +159,27 @@ def test_bench_model_overrides_give_every_contestant_the_same_fine_grained_exper
     shapes = bench_model.expert_gemm_shapes(dims, tokens=64)
     # 64 tokens x k*G = 2 pairs over E*G = 8 experts: 16 rows per expert, each of width I/G = 32.
     assert shapes["down_forward"] == (16, 32, TINY_DIMS["hidden_size"])
+
+
+def test_profile_step_splits_the_step_time_and_rates_the_matmuls(tmp_path):
+    """`profile_step.py` accounts for all of a step's op time by category and states the matmuls' own FLOP rate
+    against the machine's matmul limit."""
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump({"model": TINY_DIMS}))
+    output = tmp_path / "profile.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--preset", str(preset)]
+    command += ["--batch_size", "2", "--seq_len", "16", "--steps", "2", "--calibration_steps", "1"]
+    command += ["--vocab_size", "64", "--top_ops", "5", "--output", str(output)]
+    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    payload = json.loads(output.read_text())
+    shares = {row["category"]: row["share"] for row in payload["categories"]}
+    assert set(shares) >= {"matmul", "attention", "optimizer", "loss", "routing and dispatch"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["matmul"] > 0 and shares["optimizer"] > 0 and shares["routing and dispatch"] > 0
+    milliseconds = sum(row["ms_per_step"] for row in payload["categories"])
+    assert milliseconds == pytest.approx(1e3 * payload["op_seconds_per_step"])
+    assert payload["matmul_flops_per_step"] > 0 and payload["gemm_limit"]["gflops"] > 0
+    assert payload["step_gflops"] < payload["matmul_gflops_inside_step"]
+    assert len(payload["top_ops"]) == 5
