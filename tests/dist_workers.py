@@ -9,6 +9,7 @@ rank). Each rank writes RESULTS_DIR/rank<R>.pt with those, its lambda history, a
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -47,18 +48,20 @@ def _probe(model, probe: torch.Tensor, split: bool) -> dict:
     return {"logits": logits, "loss": loss}
 
 
-def _skip_deepspeed_shm_op() -> None:
+def skip_deepspeed_shm_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op on first use (minutes on a clean 2-core
-    machine); the tests run plain gloo collectives instead, which is what that op accelerates."""
+    machine); the tests run plain gloo collectives instead, which is what that op accelerates. The module comes from
+    `import_module`: the attribute `deepspeed.comm.torch` is the `torch` module that `deepspeed.comm` imports."""
     try:
-        import deepspeed.comm.torch as deepspeed_torch_backend
+        deepspeed_torch_backend = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
+    assert hasattr(deepspeed_torch_backend, "TorchBackend"), deepspeed_torch_backend
     deepspeed_torch_backend.build_shm_op = lambda: None
 
 
 def main(options_path: str, results_dir: str) -> None:
-    _skip_deepspeed_shm_op()
+    skip_deepspeed_shm_op()
     options = json.loads(Path(options_path).read_text())
     probe = torch.tensor(options.pop("probe"))
     record: dict = {"batches": []}

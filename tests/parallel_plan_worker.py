@@ -53,6 +53,9 @@ def main(folders: list[str], results_path: str) -> None:
     if int(os.environ["RANK"]) == 0:
         with open(results_path, "w") as handle:
             json.dump(results, handle)
+    # Both ranks leave together: a rank exiting while gloo still talks to it aborts the other one.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

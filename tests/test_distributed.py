@@ -31,6 +31,7 @@ from remoe.training.train import train
 from remoe.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
 from .conftest import WORDS, save_tiny_checkpoint, tiny_config
+from .dist_workers import skip_deepspeed_shm_op
 
 WORKER = Path(__file__).with_name("dist_workers.py")
 CLI_HOOKS = Path(__file__).with_name("cli_hooks")
@@ -100,9 +101,7 @@ def _expert_layer_worker(rank: int, world_size: int, port: int, results) -> None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
-    import deepspeed.comm.torch
-
-    deepspeed.comm.torch.build_shm_op = lambda: None  # see tests/dist_workers.py
+    skip_deepspeed_shm_op()
     for case in EXPERT_LAYER_CASES:  # one pair of processes for every case: process start-up dominates
         results[(rank, *case)] = _expert_layer_errors(rank, *case)
     dist.destroy_process_group()

@@ -6,16 +6,15 @@
   checkpoint-N: after the model and DeepSpeed's state, before its RNG state and the Trainer state. A crash while saving.
 """
 
+import contextlib
+import importlib
 import os
 import signal
 
 if os.environ.get("RANK") is not None:
-    try:
-        import deepspeed.comm.torch as _deepspeed_torch_backend
-
-        _deepspeed_torch_backend.build_shm_op = lambda: None
-    except ImportError:
-        pass
+    # The module itself: the attribute `deepspeed.comm.torch` is the `torch` module that `deepspeed.comm` imports.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     _kill_at = int(os.environ.get("REMOE_TEST_KILL_AT_SAVE", "0"))
     if _kill_at and os.environ["RANK"] == os.environ.get("REMOE_TEST_KILL_RANK", "1"):
