@@ -4,6 +4,7 @@
 import math
 
 from huggingface_hub.dataclasses import strict
+from transformers import MixtralConfig
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_rope_utils import RopeParameters
@@ -17,8 +18,10 @@ AUX_LOSS_REDUCTIONS = ("sum", "mean")
 
 
 # Transformers' parallel plans, by module kind. The experts follow Mixtral's layout and contract, so they are sharded as
-# Mixtral's: tensor parallel over the expert FFN width, expert parallel over the experts (Transformers >= 5.19). Both
-# are exact for ReLU routes too, which reach the experts as one row per (token, expert) pair.
+# the installed release shards Mixtral's: expert parallel over the experts (Transformers >= 5.19) and, up to 5.24, also
+# tensor parallel over the expert FFN width (5.25 deprecated `moe_tp_experts`: under tensor parallelism the experts
+# stay whole, and expert parallelism shards them). Both are exact for ReLU routes too, which reach the experts as one
+# row per (token, expert) pair.
 _ATTENTION_TP_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
     "layers.*.self_attn.k_proj": "colwise",
@@ -40,6 +43,12 @@ _EXPERTS_EP_PLAN = {
     "layers.*.mlp.experts.down_proj": "grouped_gemm",
     "layers.*.mlp.experts": "ep_dispatch_experts",
 }
+
+
+def experts_are_tensor_parallel() -> bool:
+    """Whether the installed Transformers shards MoE experts under tensor parallelism (its Mixtral plan does so up to
+    5.24)."""
+    return any(name.startswith("layers.*.mlp.experts") for name in MixtralConfig.base_model_tp_plan)
 
 
 def experts_implementations() -> tuple[str, ...]:
@@ -165,8 +174,8 @@ class ReMoEConfig(PreTrainedConfig):
         moe_layers = [self.is_moe_layer(layer) for layer in range(self.num_hidden_layers)]
         if not all(moe_layers):
             plan.update(_DENSE_FFN_TP_PLAN)
-        if any(moe_layers) and self.router_type != "lory":  # Lory merges whole experts: they stay replicated
-            plan.update(_EXPERTS_TP_PLAN)
+        if any(moe_layers) and self.router_type != "lory" and experts_are_tensor_parallel():
+            plan.update(_EXPERTS_TP_PLAN)  # Lory merges whole experts: they stay replicated
         return plan
 
     @classmethod

@@ -25,6 +25,10 @@ def supports_expert_parallel_size() -> bool:
     return config is not None and "ep_size" in inspect.signature(config).parameters
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
 def main(folders: list[str], results_path: str) -> None:
     import transformers.distributed as transformers_distributed
 
@@ -48,7 +52,8 @@ def main(folders: list[str], results_path: str) -> None:
             results[f"{os.path.basename(folder)}/{name}"] = {
                 "max_abs_diff": (logits - probe["logits"]).abs().max().item(),
                 "same_generation": torch.equal(generated, probe["generated"]),
-                "sharded": type(mlp.down_proj.weight if dense else mlp.experts.down_proj).__name__ == "DTensor",
+                "attention_sharded": _is_dtensor(model.model.layers[0].self_attn.o_proj.weight),
+                "ffn_sharded": _is_dtensor(mlp.down_proj.weight if dense else mlp.experts.down_proj),
             }
     if int(os.environ["RANK"]) == 0:
         with open(results_path, "w") as handle:

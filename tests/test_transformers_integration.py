@@ -25,6 +25,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from remoe import ReMoEForCausalLM
+from remoe.configuration_remoe import experts_are_tensor_parallel
 from remoe.modeling_remoe import CACHE_NAME
 
 from .parallel_plan_worker import supports_expert_parallel_size
@@ -182,7 +183,8 @@ def test_unknown_experts_implementation_names_the_allowed_ones(make_config):
 
 def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_config, tmp_path):
     """Transformers' own parallelism, 2 CPU processes: `DistributedConfig(tp_plan="auto")` shards attention and the
-    FFN width (dense FFNs and experts), `DistributedConfig(ep_size=2)` (Transformers >= 5.19) shards the experts; the
+    FFN width (dense FFNs, and the experts where the installed release still shards Mixtral's experts that way),
+    `DistributedConfig(ep_size=2)` (Transformers >= 5.19) shards the experts; the
     logits and the greedy continuation with the KV cache (decoding takes the CPU shortcut of ReMoE's `grouped_mm`
     inside Transformers' parallel wrappers) equal one process's for ReLU routes (one row per active pair), TopK routes
     and the dense model."""
@@ -207,8 +209,14 @@ def test_transformers_tensor_and_expert_parallel_plans_match_one_process(make_co
     expected_layouts = {"tp", "ep"} if supports_expert_parallel_size() else {"tp"}
     expected = {f"{router_type}/{layout}" for router_type in ("relu", "topk") for layout in expected_layouts}
     assert set(results) == expected | {"dense/tp"}  # a dense model has no experts to shard
+    assert "moe_tp_experts" not in process.stderr  # no parallel style Transformers deprecates
     for name, result in results.items():
-        assert result["sharded"], name
+        layout = name.rsplit("/", 1)[1]
+        assert result["attention_sharded"], (name, result)  # tensor parallel, or FSDP beside expert parallelism
+        if name == "dense/tp" or layout == "ep":
+            assert result["ffn_sharded"], (name, result)
+        else:
+            assert result["ffn_sharded"] is experts_are_tensor_parallel(), (name, result)
         assert result["max_abs_diff"] < 1e-4, (name, result)
         assert result["same_generation"], (name, result)
 
