@@ -112,6 +112,19 @@ def test_bad_keys_and_values_in_the_run_file(workspace, tmp_path, capsys, sectio
     assert not (tmp_path / "out").exists()
 
 
+def test_triton_experts_for_a_cpu_run(workspace, tmp_path, capsys, monkeypatch):
+    """Refused before any work: the Triton kernels need CUDA (or the interpreter) and the run trains on CPU."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    run = yaml.safe_load((workspace / "run.yaml").read_text())
+    run["model"]["experts_implementation"] = "triton"
+    run["training"]["use_cpu"] = True
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    message = "model.experts_implementation 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU)"
+    _fails(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

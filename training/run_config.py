@@ -379,6 +379,7 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             f"router_type={config.router_type!r}; leave it at 0"
         )
     _check_topk_warmup(run["training"], config, where)
+    _check_experts_device(run["training"], config, where)
     if config.router_type == "lory" and config.segment_length >= run["data"]["block_size"]:
         if options.get("router_segment_length"):
             source = "--router_segment_length"
@@ -408,6 +409,16 @@ def _check_router_specific_flags(options: dict[str, Any], router_type: str) -> N
             raise ValueError(
                 f"--{name} applies to router_type {applies_to!r} only; this run's router_type is {router_type!r}"
             )
+
+
+def _check_experts_device(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:
+    """`triton` computes on CUDA (or on CPU under `TRITON_INTERPRET=1`): refused for a run that trains on CPU."""
+    on_cpu = training.get("use_cpu", not has_accelerator())
+    if config._experts_implementation == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{where}: model.experts_implementation 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU), and this run "
+            "trains on CPU; use 'grouped_mm' or 'eager'"
+        )
 
 
 def _check_topk_warmup(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:
