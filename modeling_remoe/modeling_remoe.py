@@ -377,42 +377,50 @@ _LARGE_MATRIX = 2**19
 
 
 def _block_times_weight(block: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-    """`out = block @ weight.T` (`block (n, in)`, `weight (out, in)`), as `(weight @ block.T).T` for a few rows and a
-    large weight on CPU."""
+    """`out = block @ weight.T` (`block (n, in)`, `weight (out, in)`) with `torch.mm`, as `(weight @ block.T).T` for
+    a few rows and a large weight on CPU: the experts' product (`eager_experts_forward` takes another)."""
     if block.device.type == "cpu" and len(block) in _FEW_ROWS and weight.numel() >= _LARGE_MATRIX:
         out.copy_(torch.mm(weight, block.t()).t())
     else:
         torch.mm(block, weight.t(), out=out)
 
 
-def _rows_times_experts(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """`(P, out)`: each expert's block of `rows` (grouped by expert, `counts[e]` rows) times `weight[e].T`, one matmul
-    per expert with rows."""
+LinearInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _rows_times_experts(
+    rows: torch.Tensor, weight: torch.Tensor, counts: list[int], linear_into: LinearInto = _block_times_weight
+) -> torch.Tensor:
+    """`(P, out)`: each expert's block of `rows` (grouped by expert, `counts[e]` rows) times `weight[e].T`, one
+    `linear_into(block, weight, out)` product per expert with rows."""
     output = rows.new_empty(rows.shape[0], weight.shape[1])
     start = 0
     for expert, count in enumerate(counts):
         if count:
-            _block_times_weight(rows[start : start + count], weight[expert], output[start : start + count])
+            linear_into(rows[start : start + count], weight[expert], output[start : start + count])
             start += count
     return output
 
 
 class ExpertsLinear(torch.autograd.Function):
     """`rows (P, in)` grouped by expert (`counts[e]` rows for expert e, in order) times `weight (E, out, in)`:
-    `(P, out)`, one matmul per expert with rows and none for the others. Backward writes every expert's weight
-    gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking afterwards, and
-    only the experts without rows are zero-filled."""
+    `(P, out)`, one `linear_into` product per expert with rows and none for the others. Backward writes every
+    expert's weight gradient into one `(E, out, in)` buffer: no buffer of its own per expert, no stacking
+    afterwards, and only the experts without rows are zero-filled."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        output = _rows_times_experts(rows, weight, counts)
+    def forward(
+        ctx, rows: torch.Tensor, weight: torch.Tensor, counts: list[int], linear_into: LinearInto = _block_times_weight
+    ) -> torch.Tensor:
+        output = _rows_times_experts(rows, weight, counts, linear_into)
         ctx.save_for_backward(rows, weight)
-        ctx.counts = counts
+        ctx.counts, ctx.linear_into = counts, linear_into
         return output
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         rows, weight = ctx.saved_tensors
+        linear_into = ctx.linear_into
         grad_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         start = 0
@@ -420,18 +428,20 @@ class ExpertsLinear(torch.autograd.Function):
             if count:
                 grad = grad_output[start : start + count]
                 if grad_rows is not None:
-                    torch.mm(grad, weight[expert], out=grad_rows[start : start + count])
+                    linear_into(grad, weight[expert].t(), grad_rows[start : start + count])
                 if grad_weight is not None:
-                    torch.mm(grad.t(), rows[start : start + count], out=grad_weight[expert])
+                    linear_into(grad.t(), rows[start : start + count].t(), grad_weight[expert])
                 start += count
             elif grad_weight is not None:  # only the experts without rows are zeroed, not the whole buffer first
                 grad_weight[expert].zero_()
         if grad_weight is not None and len(ctx.counts) < len(grad_weight):
             grad_weight[len(ctx.counts) :].zero_()
-        return grad_rows, grad_weight, None
+        return grad_rows, grad_weight, None, None
 
 
-def _experts_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _experts_linear(
+    rows: torch.Tensor, weight: torch.Tensor, counts: list[int], linear_into: LinearInto = _block_times_weight
+) -> torch.Tensor:
     """`ExpertsLinear` with the operands `F.linear` would compute with under autocast (its `torch.mm(out=...)` calls
     have no autocast rule); without gradients, its forward alone."""
     device_type = rows.device.type
@@ -441,12 +451,16 @@ def _experts_linear(rows: torch.Tensor, weight: torch.Tensor, counts: list[int])
     elif rows.dtype != weight.dtype:
         rows = rows.to(weight.dtype)
     if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
-        return ExpertsLinear.apply(rows, weight, counts)
-    return _rows_times_experts(rows, weight, counts)
+        return ExpertsLinear.apply(rows, weight, counts, linear_into)
+    return _rows_times_experts(rows, weight, counts, linear_into)
 
 
 def eager_experts_forward(
-    module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    linear_into: LinearInto = _block_times_weight,
 ) -> torch.Tensor:
     """The `eager` experts: a loop over the experts that received at least one row, with Transformers' experts
     contract (rows `(R, H)` routed to `top_k_index (R, K)` with `top_k_weights (R, K)`; an index of `num_experts` or
@@ -457,7 +471,8 @@ def eager_experts_forward(
     `experts_over_active_pairs`) and gathered once; `ExpertsLinear` runs one matmul per expert with rows, none for the
     others (a decoded token runs 2 per expert it uses), and backward fills one weight-gradient buffer instead of one
     per expert. The gate multiplies the smaller of the `(rows, I)` activation and the `(rows, H)` output (the same
-    value: `down_proj` is linear)."""
+    value: `down_proj` is linear). `linear_into(block, weight, out)` computes every product, `out = block @ weight.T`
+    (default: `torch.mm`; `benchmarks/bench_gemm_library.py` passes oneDNN's to time that library here)."""
     num_experts = module.num_experts
     top_k = top_k_index.shape[-1]
     expert_idx = top_k_index.reshape(-1).clamp(max=num_experts)  # every sentinel becomes `num_experts`
@@ -478,13 +493,13 @@ def eager_experts_forward(
         order = order[:num_pairs]
         pair_rows = order // top_k
         rows, pair_weights = hidden_states[pair_rows], top_k_weights.reshape(-1)[order]
-    gate, up = _experts_linear(rows, module.gate_up_proj, counts).chunk(2, dim=-1)
+    gate, up = _experts_linear(rows, module.gate_up_proj, counts, linear_into).chunk(2, dim=-1)
     activation = module.act_fn(gate) * up
     pair_weights = pair_weights.to(activation.dtype)[:, None]
     if module.down_proj.shape[-1] < module.down_proj.shape[-2]:  # I < H: the gate on the (rows, I) activation
-        pair_outputs = _experts_linear(activation * pair_weights, module.down_proj, counts)
+        pair_outputs = _experts_linear(activation * pair_weights, module.down_proj, counts, linear_into)
     else:
-        pair_outputs = _experts_linear(activation, module.down_proj, counts) * pair_weights
+        pair_outputs = _experts_linear(activation, module.down_proj, counts, linear_into) * pair_weights
     if order is None and num_pairs == len(hidden_states):  # one row per pair, in order: the pair outputs themselves
         return pair_outputs.to(hidden_states.dtype)
     final_hidden_states = torch.zeros_like(hidden_states)

@@ -519,3 +519,29 @@ def test_kernel_paths_gate_the_activation_when_it_is_narrower(implementation):
     with widths:
         sparse_moe_mlp(hidden_states, gates, gate_up_proj, down_proj, implementation=implementation)
     assert widths.widths and 64 not in widths.widths, widths.widths
+
+
+def test_eager_computes_every_product_with_the_given_linear_into(code):
+    """`eager_experts_forward(..., linear_into=f)`: every expert product, forward and backward, is `f(block, weight,
+    out)` (`out = block @ weight.T`), 2 forward and 4 backward per expert with rows, with the default's results."""
+    modeling, configuration = code
+    experts = _experts(modeling, _config(configuration, num_experts=6, hidden=16, intermediate=32), "eager")
+    calls = []
+
+    def recorded(block, weight, out):
+        calls.append((tuple(block.shape), tuple(weight.shape)))
+        torch.mm(block, weight.t(), out=out)
+
+    hidden_states = torch.randn(10, 16, requires_grad=True)
+    top_k_index = torch.tensor([0, 2, 2, 5, 0, 2, 5, 5, 0, 2])[:, None]
+    top_k_weights = torch.rand(10, 1)
+    results = []
+    for linear_into in (recorded, None):
+        extra = () if linear_into is None else (linear_into,)
+        output = modeling.eager_experts_forward(experts, hidden_states, top_k_index, top_k_weights, *extra)
+        grads = torch.autograd.grad(output.sum(), [hidden_states, experts.gate_up_proj, experts.down_proj])
+        results.append([output, *grads])
+    assert len(calls) == 6 * 3  # experts 0, 2 and 5 have rows
+    assert (4, 16) in [call[0] for call in calls]  # expert 2's 4 rows times gate_up
+    for recorded_result, default_result in zip(*results, strict=True):
+        torch.testing.assert_close(recorded_result, default_result, rtol=1e-6, atol=1e-6)
