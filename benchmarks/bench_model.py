@@ -8,8 +8,9 @@ controller update) with the peak memory of a step above the model and its optimi
 tokens/s with the KV cache. The training step's matmul FLOPs are counted exactly once per model (`FlopCounterMode`, on
 the "eager" experts, which compute only the routed pairs) and reported as achieved GFLOP/s; with `--gemm_limit` the
 machine's own matmul rate at the experts' GEMM shapes (gate_up and down, forward and both backward products, at the
-benchmark's mean tokens per expert) is measured too, in every round as one more contestant, and each row states its
-fraction of that limit (medians over the same rounds for both). ReMoE is measured
+benchmark's mean tokens per expert) is measured too, for torch.matmul and, on CPU, oneDNN, in every round as one more
+contestant, and each row states its fraction of that limit (the faster library; medians over the same rounds for
+both) and of torch.matmul's. ReMoE is measured
 in its stable stage (III): before timing, its routers are brought to the target sparsity `1 - k/E` by the real
 controller (short training at a high learning rate); the experts per token seen while timing are reported. When all
 models would not fit in memory together (the 182m preset on a small machine), each is saved once and loaded back for its
@@ -192,6 +193,19 @@ def trainer_optimizer(model: torch.nn.Module, device: torch.device, optim: str |
         args = TrainingArguments(output_dir=output_dir, use_cpu=device.type == "cpu", report_to="none", **options)
     optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     return optimizer_class(model.parameters(), **{**kwargs, "lr": lr})
+
+
+def cpu_run_header(args: argparse.Namespace, malloc: dict, dims: dict) -> dict:
+    """The first keys of a CPU benchmark's JSON: the machine, the versions, the optimizer, malloc and the settings."""
+    return {
+        "device": platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "optimizer": trainer_optimizer_name(None),
+        "malloc": malloc,
+        "settings": {**{key: value for key, value in vars(args).items() if key != "output"}, "dims": dims},
+    }
 
 
 def trainer_optimizer_name(optim: str | None) -> str:
@@ -455,39 +469,76 @@ def _matmul_operands(m: int, k: int, n: int, name: str, device: torch.device, dt
     return torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
 
 
+def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` through oneDNN's fp32/bf16 inner product, which torch's CPU builds ship (and use for convolutions and
+    compiled inference) but not for `torch.matmul`, which calls MKL. The fp32 product stays fp32."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def gemm_libraries(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """The matmul libraries measured here: torch.matmul (MKL on x86 CPUs), and on CPU oneDNN where torch has it,
+    for fp32 and bf16 (`bench_gemm_library.py` times an experts path through it)."""
+    libraries = {"torch.matmul": torch.matmul}
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
+        libraries["onednn"] = onednn_matmul
+    return libraries
+
+
+def _time_per_call(matmul: Callable, a: torch.Tensor, b: torch.Tensor, device: torch.device, seconds: float) -> float:
+    """Median of 5 runs of at least `seconds / 5` each."""
+    for _ in range(3):
+        matmul(a, b)
+    _sync(device)
+    start, calls = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds / 10:
+        matmul(a, b)
+        calls += 1
+    _sync(device)
+    calls = max(1, calls * 2)
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            matmul(a, b)
+        _sync(device)
+        timings.append((time.perf_counter() - start) / calls)
+    return statistics.median(timings)
+
+
 def measure_gemm_limit(
     dims: dict, tokens: int, device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.2
 ) -> dict:
-    """The machine's matmul rate at the experts' GEMM shapes: each shape timed (median of 5 runs of at least
-    `seconds / 5` each), and the limit as all six shapes' FLOPs over their summed time (one expert's training step)."""
-    shapes, rates, total_flops, total_seconds = expert_gemm_shapes(dims, tokens), {}, 0.0, 0.0
+    """The machine's matmul rate at the experts' GEMM shapes, for each library of `gemm_libraries`: each shape timed,
+    and a library's rate as all six shapes' FLOPs over their summed time (one expert's training step). The limit is
+    the fastest library's rate; the libraries take turns shape by shape."""
+    shapes = expert_gemm_shapes(dims, tokens)
+    libraries = gemm_libraries(device, dtype)
+    rates = {library: {} for library in libraries}
+    seconds_by_library = dict.fromkeys(libraries, 0.0)
+    total_flops = 0.0
     for name, (m, k, n) in shapes.items():
         a, b = _matmul_operands(m, k, n, name, device, dtype)
-        for _ in range(3):
-            torch.matmul(a, b)
-        _sync(device)
-        start, calls = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds / 10:
-            torch.matmul(a, b)
-            calls += 1
-        _sync(device)
-        calls = max(1, calls * 2)
-        timings = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(calls):
-                torch.matmul(a, b)
-            _sync(device)
-            timings.append((time.perf_counter() - start) / calls)
-        per_call = statistics.median(timings)
         flops = 2 * m * k * n
-        rates[name] = {"m": m, "k": k, "n": n, "gflops": flops / per_call / 1e9}
-        total_flops, total_seconds = total_flops + flops, total_seconds + per_call
+        total_flops += flops
+        for library, matmul in libraries.items():
+            per_call = _time_per_call(matmul, a, b, device, seconds)
+            rates[library][name] = {"m": m, "k": k, "n": n, "gflops": flops / per_call / 1e9}
+            seconds_by_library[library] += per_call
+    by_library = {
+        library: {"gflops": total_flops / seconds_by_library[library] / 1e9, "shapes": rates[library]}
+        for library in libraries
+    }
+    best = max(by_library, key=lambda library: by_library[library]["gflops"])
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "tokens_per_expert": shapes["gate_up_forward"][0],
-        "gflops": total_flops / total_seconds / 1e9,
-        "shapes": rates,
+        "gflops": by_library[best]["gflops"],
+        "library": best,
+        "libraries": by_library,
     }
 
 
@@ -496,18 +547,31 @@ def _measure_into(rounds: list[dict], *args) -> None:
 
 
 def summarise_gemm_limits(rounds: list[dict]) -> dict:
-    """The GEMM limit over the rounds it was measured in: median GFLOP/s overall and per shape, with every round's."""
+    """The GEMM limit over the rounds it was measured in, per library: median GFLOP/s overall and per shape, with
+    every round's. The limit is the library with the highest median."""
     first = rounds[0]
-    shapes = {
-        name: {**shape, "gflops": statistics.median(one["shapes"][name]["gflops"] for one in rounds)}
-        for name, shape in first["shapes"].items()
-    }
+    libraries = {}
+    for library, measured in first["libraries"].items():
+        shapes = {
+            name: {
+                **shape,
+                "gflops": statistics.median(one["libraries"][library]["shapes"][name]["gflops"] for one in rounds),
+            }
+            for name, shape in measured["shapes"].items()
+        }
+        per_round = [one["libraries"][library]["gflops"] for one in rounds]
+        libraries[library] = {
+            "gflops": statistics.median(per_round),
+            "gflops_per_round": [round(value, 4) for value in per_round],
+            "shapes": shapes,
+        }
+    best = max(libraries, key=lambda library: libraries[library]["gflops"])
     return {
         "dtype": first["dtype"],
         "tokens_per_expert": first["tokens_per_expert"],
-        "gflops": statistics.median(one["gflops"] for one in rounds),
-        "gflops_per_round": [round(one["gflops"], 4) for one in rounds],
-        "shapes": shapes,
+        "gflops": libraries[best]["gflops"],
+        "library": best,
+        "libraries": libraries,
     }
 
 
@@ -574,12 +638,14 @@ def run(args) -> list[dict]:
         if args.gemm_limit:
             limit = summarise_gemm_limits(limit_rounds)
             args.gemm_limits[preset] = limit
-            print(_format_limit_row(preset, limit), flush=True)
+            for library in limit["libraries"]:
+                print(_format_limit_row(preset, limit, library), flush=True)
         for model in models:
             for implementation, result in model.results(tokens, args.decode_tokens).items():
                 row = {"preset": preset, "model": model.name, "experts": implementation, "swapped": swap, **result}
                 if limit is not None and "train_gflops" in row:
                     row["fraction_of_gemm_limit"] = row["train_gflops"] / limit["gflops"]
+                    row["fraction_of_matmul_limit"] = row["train_gflops"] / limit["libraries"]["torch.matmul"]["gflops"]
                 if model.name == "remoe-relu":
                     row["calibration_steps"] = calibration_steps
                 rows.append(row)
@@ -602,11 +668,13 @@ def _format_row(row: dict) -> str:
     )
 
 
-def _format_limit_row(preset: str, limit: dict) -> str:
-    """The GEMM limit as a row of the table: its GFLOP/s under the models' training-step GFLOP/s."""
+def _format_limit_row(preset: str, limit: dict, library: str) -> str:
+    """One library's GEMM rate as a row of the table, under the models' training-step GFLOP/s, as a fraction of the
+    limit (the fastest library)."""
+    gflops = limit["libraries"][library]["gflops"]
     label = f"m={limit['tokens_per_expert']} {limit['dtype']}"
     blank = f"{'':>10} {'':>9} {'':>11} {'':>10} {'':>8}"
-    return f"{preset:>6} {'gemm-limit':<19} {label:<11} {blank} {limit['gflops']:>8.1f} {'100%':>8}"
+    return f"{preset:>6} {'gemm: ' + library:<19} {label:<11} {blank} {gflops:>8.1f} {gflops / limit['gflops']:>8.1%}"
 
 
 OVERRIDABLE_FIELDS = (

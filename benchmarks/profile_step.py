@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import transformers
 from bench_model import (
     BASELINE_NAMES,
     MODEL_NAMES,
     build_models,
     calibrate_to_target,
+    cpu_run_header,
     measure_gemm_limit,
     parse_model_overrides,
     trainer_optimizer,
-    trainer_optimizer_name,
 )
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -170,13 +168,7 @@ def main() -> None:
     output = Path(args.output or "benchmarks/results/profile_step_cpu.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "device": platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "optimizer": trainer_optimizer_name(None),
-        "malloc": malloc,
-        "settings": {**{key: value for key, value in vars(args).items() if key != "output"}, "dims": dims},
+        **cpu_run_header(args, malloc, dims),
         "op_seconds_per_step": total,
         "categories": rows,
         "matmul_flops_per_step": flops,

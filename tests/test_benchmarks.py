@@ -13,6 +13,7 @@ import yaml
 from .conftest import TINY_DIMS
 
 ROOT = Path(__file__).resolve().parents[1]
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @pytest.mark.parametrize("swap_models", ["never", "always"])
@@ -64,13 +65,19 @@ def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_p
     tokens_per_expert = 2 * 16 * TINY_DIMS["num_experts_per_tok"] // TINY_DIMS["num_experts"]
     hidden, intermediate = TINY_DIMS["hidden_size"], TINY_DIMS["intermediate_size"]
     assert limit["tokens_per_expert"] == tokens_per_expert and limit["dtype"] == "float32" and limit["gflops"] > 0
-    shape = limit["shapes"]["gate_up_forward"]
-    assert (shape["m"], shape["k"], shape["n"]) == (tokens_per_expert, hidden, 2 * intermediate)
-    assert len(limit["shapes"]) == 6 and all(shape["gflops"] > 0 for shape in limit["shapes"].values())
-    assert len(limit["gflops_per_round"]) == 2 and limit["gflops"] == pytest.approx(
-        sum(limit["gflops_per_round"]) / 2, rel=1e-3
-    )  # timed in turns with the models, once per round
-    assert any(line.split()[1:2] == ["gemm-limit"] for line in completed.stdout.splitlines()), completed.stdout
+    libraries = limit["libraries"]
+    assert set(libraries) == {"torch.matmul", *(["onednn"] if ONEDNN else [])}
+    assert limit["gflops"] == max(library["gflops"] for library in libraries.values())
+    assert libraries[limit["library"]]["gflops"] == limit["gflops"]
+    for library in libraries.values():
+        shape = library["shapes"]["gate_up_forward"]
+        assert (shape["m"], shape["k"], shape["n"]) == (tokens_per_expert, hidden, 2 * intermediate)
+        assert len(library["shapes"]) == 6 and all(shape["gflops"] > 0 for shape in library["shapes"].values())
+        assert len(library["gflops_per_round"]) == 2 and library["gflops"] == pytest.approx(
+            sum(library["gflops_per_round"]) / 2, rel=1e-3
+        )  # timed in turns with the models, once per round
+    limit_rows = [line.split()[1:3] for line in completed.stdout.splitlines() if line.split()[1:2] == ["gemm:"]]
+    assert limit_rows == [["gemm:", library] for library in libraries], completed.stdout
 
     rows = {(row["model"], row["experts"]): row for row in payload["results"]}
     assert set(rows) == {(model, experts) for model in ("remoe-relu", "mixtral") for experts in ("eager", "grouped_mm")}
@@ -85,6 +92,8 @@ def test_bench_model_times_the_trainer_optimizer_and_states_the_gemm_limit(tmp_p
     for row in rows.values():
         assert row["train_gflops"] == pytest.approx(row["train_flops_per_step"] * row["train_tokens_per_s"] / 32 / 1e9)
         assert row["fraction_of_gemm_limit"] == pytest.approx(row["train_gflops"] / limit["gflops"])
+        matmul_limit = libraries["torch.matmul"]["gflops"]
+        assert row["fraction_of_matmul_limit"] == pytest.approx(row["train_gflops"] / matmul_limit)
 
 
 def test_gpu_check_dry_run_writes_every_result(tmp_path):
@@ -161,19 +170,24 @@ def test_bench_model_overrides_give_every_contestant_the_same_fine_grained_exper
     assert shapes["down_forward"] == (16, 32, TINY_DIMS["hidden_size"])
 
 
+def _run_on_the_toy_preset(tmp_path: Path, script: str, *flags: str) -> dict:
+    """Run `benchmarks/<script>` on a toy preset (batch 2 x 16, one calibration step); its JSON output."""
+    preset = tmp_path / "toy.yaml"
+    preset.write_text(yaml.safe_dump({"model": TINY_DIMS}))
+    output = tmp_path / "result.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--preset", str(preset), *flags]
+    command += ["--batch_size", "2", "--seq_len", "16", "--calibration_steps", "1", "--vocab_size", "64"]
+    completed = subprocess.run(
+        [*command, "--output", str(output)], cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
 def test_profile_step_splits_the_step_time_and_rates_the_matmuls(tmp_path):
     """`profile_step.py` accounts for all of a step's op time by category and states the matmuls' own FLOP rate
     against the machine's matmul limit."""
-    preset = tmp_path / "toy.yaml"
-    preset.write_text(yaml.safe_dump({"model": TINY_DIMS}))
-    output = tmp_path / "profile.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--preset", str(preset)]
-    command += ["--batch_size", "2", "--seq_len", "16", "--steps", "2", "--calibration_steps", "1"]
-    command += ["--vocab_size", "64", "--top_ops", "5", "--output", str(output)]
-    completed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
-    payload = json.loads(output.read_text())
+    payload = _run_on_the_toy_preset(tmp_path, "profile_step.py", "--steps", "2", "--top_ops", "5")
     shares = {row["category"]: row["share"] for row in payload["categories"]}
     assert set(shares) >= {"matmul", "attention", "optimizer", "loss", "routing and dispatch"}
     assert sum(shares.values()) == pytest.approx(1.0)
@@ -183,3 +197,17 @@ def test_profile_step_splits_the_step_time_and_rates_the_matmuls(tmp_path):
     assert payload["matmul_flops_per_step"] > 0 and payload["gemm_limit"]["gflops"] > 0
     assert payload["step_gflops"] < payload["matmul_gflops_inside_step"]
     assert len(payload["top_ops"]) == 5
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+def test_bench_gemm_library_times_every_contestant_after_checking_the_onednn_loop(tmp_path):
+    """`bench_gemm_library.py`: the experts loop through oneDNN gives `eager`'s logits and gradients (to fp32
+    rounding); every contestant is timed in every counted round; both libraries' GEMM rates are reported."""
+    payload = _run_on_the_toy_preset(tmp_path, "bench_gemm_library.py", "--rounds", "2", "--warmup_rounds", "1")
+    assert set(payload["step_seconds"]) == {"grouped_mm", "eager", "eager-onednn"}
+    assert all(len(values) == 2 and min(values) > 0 for values in payload["step_seconds_per_round"].values())
+    assert payload["speedup_vs_grouped_mm"]["grouped_mm"] == 1.0
+    assert set(payload["gemm_gflops"]) == {"torch.matmul", "onednn"} and min(payload["gemm_gflops"].values()) > 0
+    assert 0 <= payload["onednn_max_relative_difference"] < 1e-4
+    # per MoE layer and expert with rows: 2 products forward, 4 backward
+    assert payload["onednn_products_per_step"] % 6 == 0 and payload["onednn_products_per_step"] > 0
