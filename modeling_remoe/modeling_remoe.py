@@ -576,16 +576,20 @@ class ReMoESparseMoeBlock(nn.Module):
         self.experts = ReMoEExperts(config)
         self.top_k = config.routed_top_k if config.router_type in FIXED_K_ROUTER_TYPES else None
 
-    def forward(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None = None, return_router_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`(B, S, H)`, and with `return_router_logits` the router logits `(B*S, E)` too."""
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, hidden_dim)
-        _, gates = self.router(hidden_states) if input_ids is None else self.router(hidden_states, input_ids)
+        logits, gates = self.router(hidden_states) if input_ids is None else self.router(hidden_states, input_ids)
         if self.top_k is not None:
             top_k_weights, top_k_index = torch.topk(gates, self.top_k, dim=-1)
             hidden_states = self.experts(hidden_states, top_k_index, top_k_weights)
         else:
             hidden_states = experts_over_active_pairs(self.experts, hidden_states, gates)
-        return hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        hidden_states = hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+        return (hidden_states, logits) if return_router_logits else hidden_states
 
 
 class ReMoELoryMoeBlock(nn.Module):
@@ -674,6 +678,8 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
             self.mlp = ReMoEMLP(config, config.intermediate_size * config.num_experts_per_tok)
         self.input_layernorm = ReMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = ReMoERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.router_loss_type = router_loss_type(config) if isinstance(self.mlp, ReMoESparseMoeBlock) else None
+        self.l1_top_k, self.load_balance = config.routed_top_k, config.load_balance
 
     def forward(
         self,
@@ -685,10 +691,16 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         routing_input_ids: torch.LongTensor | None = None,
         routing_attention_mask: torch.Tensor | None = None,
+        router_loss: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`routing_input_ids`: the token ids, for the hash router; `routing_attention_mask`: the 2D padding mask, for
-        Lory's segments (other layers ignore them)."""
+        Lory's segments and the router loss (other layers ignore them).
+
+        With `router_loss` (training), an MoE layer whose router has a loss (`router_loss_term`) returns
+        `(hidden_states, its term)`: the term leaves the layer as one of its outputs, so it keeps its gradient under
+        every activation checkpointing, reentrant included (which recomputes the layer in backward, outside the
+        graph of anything captured from inside it)."""
         # The cache arrives under the installed Transformers' name (`CACHE_NAME`), which is the name
         # `GradientCheckpointingLayer` looks for when it drops the cache under gradient checkpointing.
         cache = cache if cache is not None else past_key_values
@@ -705,6 +717,14 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
+        if router_loss and self.router_loss_type is not None:
+            hidden_states, router_logits = self.mlp(hidden_states, return_router_logits=True)
+            logits = _valid_token_rows((router_logits,), routing_attention_mask)[0]
+            if self.router_loss_type == "l1":
+                term = l1_layer_loss(logits, self.l1_top_k, self.load_balance)
+            else:
+                term = switch_layer_loss(logits, self.mlp.top_k)
+            return residual + hidden_states, term
         if self.routes_by_token_id:
             hidden_states = self.mlp(hidden_states, routing_input_ids)
         elif isinstance(self.mlp, ReMoELoryMoeBlock):
@@ -836,40 +856,52 @@ def layer_sparsity(tokens_per_expert: torch.Tensor, num_tokens: float | torch.Te
     return 1.0 - tokens_per_expert.sum(dim=-1) / (num_tokens * tokens_per_expert.shape[-1])
 
 
+def router_loss_type(config: ReMoEConfig) -> str | None:
+    """The router loss training adds: `"l1"` (ReMoE's regulariser), `"switch"` (the balancing loss) or None."""
+    if config.uses_l1_controller:
+        return "l1"
+    return "switch" if config.uses_balancing_loss else None
+
+
+def l1_layer_loss(logits: torch.Tensor, num_experts_per_tok: int, load_balance: str) -> torch.Tensor:
+    """One layer's L_reg: `(1/T) sum_t sum_e f_e ReLU(logits)_te`, with `f_e = E/(kT) * #{t: active}` detached
+    (`refined_l1`) or `f_e = 1` (`l1`). `num_experts_per_tok` is the routed k (`k * G`)."""
+    gates = F.relu(logits.float())
+    num_tokens, num_experts = gates.shape
+    gate_sums = gates.sum(dim=0)
+    num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
+    if load_balance == "refined_l1":
+        frequency = (gates > 0).sum(dim=0).detach() * (num_experts / (num_experts_per_tok * num_tokens))
+        gate_sums = gate_sums * frequency
+    return gate_sums.sum() / num_tokens
+
+
 def l1_regularization_loss(
     router_logits: tuple[torch.Tensor, ...], num_experts_per_tok: int, load_balance: str
 ) -> torch.Tensor:
-    """ReMoE's L_reg: mean over layers of `(1/T) sum_t sum_e f_e ReLU(logits)_te`, with `f_e = E/(kT) * #{t: active}`
-    detached (`refined_l1`) or `f_e = 1` (`l1`). `num_experts_per_tok` is the routed k (`k * G`)."""
-    losses = []
-    for logits in router_logits:
-        gates = F.relu(logits.float())
-        num_tokens, num_experts = gates.shape
-        gate_sums = gates.sum(dim=0)
-        num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
-        if load_balance == "refined_l1":
-            frequency = (gates > 0).sum(dim=0).detach() * (num_experts / (num_experts_per_tok * num_tokens))
-            gate_sums = gate_sums * frequency
-        losses.append(gate_sums.sum() / num_tokens)
-    return torch.stack(losses).mean()
+    """ReMoE's L_reg: the mean over layers of `l1_layer_loss`."""
+    return torch.stack([l1_layer_loss(logits, num_experts_per_tok, load_balance) for logits in router_logits]).mean()
+
+
+def switch_layer_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """One layer's Switch Transformer balancing loss `E * sum_e f_e P_e` (f normalised by k)."""
+    probs = F.softmax(logits.float(), dim=-1)
+    num_tokens, num_experts = probs.shape
+    num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
+    top_indices = torch.topk(logits.detach(), top_k, dim=-1).indices
+    # histc, not bincount: no host sync on CUDA.
+    counts = torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
+    fraction = counts / (num_tokens * top_k)
+    return num_experts * (fraction * probs.sum(dim=0) / num_tokens).sum()
 
 
 def switch_load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...], top_k: int, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Switch Transformer balancing loss `E * sum_e f_e P_e` (f normalised by k) of each layer, summed over the layers
-    (`reduction="sum"`, Megatron's convention) or averaged."""
-    losses = []
-    for logits in router_logits:
-        probs = F.softmax(logits.float(), dim=-1)
-        num_tokens, num_experts = probs.shape
-        num_tokens = max(num_tokens, 1)  # a micro-batch of padding only contributes 0, not NaN
-        top_indices = torch.topk(logits.detach(), top_k, dim=-1).indices
-        # histc, not bincount: no host sync on CUDA.
-        counts = torch.histc(top_indices.float(), bins=num_experts, min=0, max=num_experts)
-        fraction = counts / (num_tokens * top_k)
-        losses.append(num_experts * (fraction * probs.sum(dim=0) / num_tokens).sum())
-    return torch.stack(losses).sum() if reduction == "sum" else torch.stack(losses).mean()
+    """`switch_layer_loss` of each layer, summed over the layers (`reduction="sum"`, Megatron's convention) or
+    averaged."""
+    losses = torch.stack([switch_layer_loss(logits, top_k) for logits in router_logits])
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 class ReMoEPreTrainedModel(PreTrainedModel):
@@ -935,6 +967,17 @@ class ReMoEPreTrainedModel(PreTrainedModel):
         return super().get_correct_experts_implementation(requested_experts)
 
 
+@dataclasses.dataclass
+class ReMoEModelOutputWithPast(MoeModelOutputWithPast):
+    r"""
+    router_losses (`tuple[torch.Tensor]`, *optional*):
+        Each MoE layer's router loss term (ReMoE's L1 regulariser or the balancing loss), in layer order, when the
+        model is called with `router_loss=True` (training).
+    """
+
+    router_losses: tuple[torch.Tensor, ...] | None = None
+
+
 class ReMoEModel(ReMoEPreTrainedModel):
     def __init__(self, config: ReMoEConfig):
         super().__init__(config)
@@ -961,8 +1004,10 @@ class ReMoEModel(ReMoEPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        router_loss: bool = False,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MoeModelOutputWithPast:
+    ) -> ReMoEModelOutputWithPast:
+        """`router_loss`: every MoE layer with a router loss also returns its term (`router_losses`)."""
         cache = _cache_argument(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -994,20 +1039,31 @@ class ReMoEModel(ReMoEPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        router_losses = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = decoder_layer(
+            layer_output = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 routing_input_ids=input_ids if self.config.router_type == "hash" else None,
-                routing_attention_mask=attention_mask if self.config.router_type == "lory" else None,
+                routing_attention_mask=attention_mask if router_loss or self.config.router_type == "lory" else None,
+                router_loss=router_loss,
                 **{CACHE_NAME: cache},
                 **kwargs,
             )
+            if isinstance(layer_output, tuple):
+                hidden_states, term = layer_output
+                router_losses.append(term)
+            else:
+                hidden_states = layer_output
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
+        return ReMoEModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            router_losses=tuple(router_losses) if router_loss else None,
+            **{CACHE_NAME: cache},
+        )
 
 
 class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
@@ -1073,13 +1129,15 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         )
         has_router = self.controller is not None
         regularize = has_router and self.training and torch.is_grad_enabled()
-        outputs: MoeModelOutputWithPast = self.model(
+        loss_type = router_loss_type(self.config) if has_router else None
+        outputs: ReMoEModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=has_router and (output_router_logits or regularize),
+            router_loss=regularize and loss_type is not None,
             **{CACHE_NAME: cache},
             **kwargs,
         )
@@ -1094,17 +1152,21 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         if has_router and (output_router_logits or regularize):
             router_logits = _valid_token_rows(outputs.router_logits, attention_mask)
             coef = None
-            if self.config.uses_l1_controller:
+            if outputs.router_losses:  # training: the layers' own terms, which carry their gradients
+                terms = torch.stack([term.to(outputs.router_losses[0].device) for term in outputs.router_losses])
+                summed = loss_type == "switch" and self.config.router_aux_loss_reduction == "sum"
+                aux_loss = terms.sum() if summed else terms.mean()
+            elif loss_type == "l1":
                 aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
-                coef = self.controller.l1_coef
-            elif self.config.uses_balancing_loss:
+            elif loss_type == "switch":
                 aux_loss = switch_load_balancing_loss(
                     router_logits, self.routed_top_k, self.config.router_aux_loss_reduction
                 )
+            if loss_type == "l1":
+                coef = self.controller.l1_coef
+            elif loss_type == "switch":
                 coef = self.config.router_aux_loss_coef
             if regularize:
-                if coef is not None:
-                    _check_router_gradients(router_logits, self)
                 weighted = None if loss is None or coef is None else coef * aux_loss
                 if self.config.router_type == "expert_choice":  # the experts chose among every row, padding included
                     router_logits = outputs.router_logits
@@ -1122,24 +1184,6 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits if output_router_logits else None,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
-
-
-def _check_router_gradients(router_logits: tuple[torch.Tensor, ...], model: nn.Module) -> None:
-    """Reentrant gradient checkpointing recomputes the layers in backward, outside the graph that captured the router
-    logits: the regulariser (and the TopK balancing loss) would silently get no gradient."""
-    if router_logits and not router_logits[0].requires_grad:
-        routers = [
-            module.weight
-            for module in model.modules()
-            if isinstance(module, ReMoERouter) and module.router_type != "hash"
-        ]
-        if any(weight.requires_grad for weight in routers):
-            raise ValueError(
-                "the router logits carry no gradient, so the ReMoE regulariser / balancing loss would not train the "
-                "router: activation (gradient) checkpointing with use_reentrant=True is not supported; use "
-                "activation_checkpointing_kwargs={'use_reentrant': False} (the default; gradient_checkpointing_kwargs "
-                "before Transformers 5.23)"
-            )
 
 
 def _cache_argument(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:

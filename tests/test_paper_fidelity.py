@@ -105,16 +105,35 @@ def _enable_checkpointing(model, use_reentrant: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
 
 
-def test_reentrant_gradient_checkpointing_is_refused_instead_of_untrained_routers():
-    model = remoe.ReMoEForCausalLM(tiny_config()).train()
-    _enable_checkpointing(model, use_reentrant=True)
+@pytest.mark.parametrize("router_type", ["relu", "topk", "sparsemixer"])
+def test_activation_checkpointing_gives_the_loss_and_gradients_of_none(router_type):
+    """Reentrant and non-reentrant checkpointing: the loss (regulariser or balancing loss included) and every
+    gradient equal those without checkpointing, and the router loss alone has a gradient for the router (reentrant
+    recomputation used to leave it without one). The batch is padded: the layers' terms leave padding out, as the
+    loss does."""
+    torch.manual_seed(0)
+    model = remoe.ReMoEForCausalLM(tiny_config(router_type=router_type)).train()
     input_ids = _batch(model.config)
-    with pytest.raises(ValueError, match="use_reentrant"):
-        model(input_ids, labels=input_ids)
-    _enable_checkpointing(model, use_reentrant=False)
-    output = model(input_ids, labels=input_ids)
-    output.loss.backward()
-    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0
+    router = model.model.layers[0].mlp.router.weight
+    results = {}
+    for use_reentrant in (None, False, True):
+        if use_reentrant is not None:
+            _enable_checkpointing(model, use_reentrant)
+        model.zero_grad()
+        model(input_ids, attention_mask=attention_mask, labels=input_ids).aux_loss.backward()
+        assert router.grad.abs().sum() > 0, use_reentrant
+        model.zero_grad()
+        torch.manual_seed(1)  # SparseMixer samples
+        output = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+        output.loss.backward()
+        results[use_reentrant] = output.loss.detach(), output.aux_loss.detach(), [p.grad for p in model.parameters()]
+    for use_reentrant in (False, True):
+        loss, aux_loss, grads = results[use_reentrant]
+        assert torch.equal(loss, results[None][0]) and torch.equal(aux_loss, results[None][1])
+        for grad, reference in zip(grads, results[None][2], strict=True):
+            torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-7)
 
 
 # Transformers 5.24 renamed the training arguments to `activation_checkpointing[_kwargs]`; the old names are aliases.
@@ -126,13 +145,14 @@ CHECKPOINTING_ARGUMENTS = [
 
 
 @pytest.mark.parametrize("name", CHECKPOINTING_ARGUMENTS)
-def test_reentrant_checkpointing_in_the_run_config_is_refused_before_training(tmp_path, capsys, name):
+def test_remoe_train_with_reentrant_checkpointing_trains_the_router_with_the_regulariser(tmp_path, name):
     run = {**SMALL_RUN, "training": {**SMALL_RUN["training"], name: True, f"{name}_kwargs": {"use_reentrant": True}}}
     path = tmp_path / "reentrant.yaml"
     path.write_text(yaml.safe_dump(run))
-    assert main(["train", "--config", str(path), "--output_dir", str(tmp_path / "out")]) == 2
-    assert f"training.{name}_kwargs.use_reentrant=true" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+    output = tmp_path / "out"
+    assert main(["train", "--config", str(path), "--output_dir", str(output), "--logging_steps", "1"]) == 0
+    history = [entry for entry in json.loads((output / "log_history.json").read_text()) if "loss" in entry]
+    assert history and all(entry["remoe/loss_reg"] > 0 for entry in history)
 
 
 def test_logs_hold_the_lm_loss_and_the_weighted_regulariser_apart():

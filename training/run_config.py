@@ -179,22 +179,6 @@ def check_data_section(data: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: data.domains must be a non-empty list of domain names, got {value!r}")
 
 
-def _check_reentrant_checkpointing(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:
-    """Reentrant activation checkpointing would leave the router without the regulariser's gradient. Transformers 5.24
-    renamed `gradient_checkpointing[_kwargs]` to `activation_checkpointing[_kwargs]` (the old names are aliases)."""
-    enabled = training.get("activation_checkpointing") or training.get("gradient_checkpointing")
-    kwargs_name = next(
-        (name for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if training.get(name)),
-        None,
-    )
-    if config.has_experts and enabled and kwargs_name and training[kwargs_name].get("use_reentrant"):
-        raise ValueError(
-            f"{where}: training.{kwargs_name}.use_reentrant=true would give the router no gradient from the ReMoE "
-            "regulariser / TopK balancing loss (the router logits are captured outside the recomputed graph); use "
-            "use_reentrant: false (the default)"
-        )
-
-
 def check_training_section(training: dict[str, Any], where: str) -> None:
     """Keys, types, ranges and enumerated values against `TrainingArguments`' fields (no instance is built: under a
     launcher that would already set up the distributed state)."""
@@ -371,7 +355,6 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
         config = ReMoEConfig(**run["model"], vocab_size=run["data"]["vocab_size"])
     if options.get("model_dtype") and not options.get("model_name_or_path"):
         raise ValueError("--model_dtype applies to --model_name_or_path (a new model is always built in float32)")
-    _check_reentrant_checkpointing(run["training"], config, where)
     if (config.uses_l1_controller or config.uses_balancing_loss) and run["training"].get("label_smoothing_factor"):
         raise ValueError(
             f"{where}: training.label_smoothing_factor makes the Trainer compute the loss from the logits alone, "
