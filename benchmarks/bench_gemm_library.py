@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from bench_model import (
+    at_least,
     build_models,
     calibrate_to_target,
     cpu_run_header,
@@ -98,12 +99,14 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", default="remoe-relu", choices=["remoe-relu", "remoe-topk"])
     parser.add_argument("--model_overrides", nargs="+", default=[], metavar="FIELD=N")
-    parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--seq_len", type=int, default=256)
-    parser.add_argument("--vocab_size", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=30, help="timed rounds of the round-robin (medians reported)")
-    parser.add_argument("--warmup_rounds", type=int, default=10, help="rounds run first and not counted")
-    parser.add_argument("--calibration_steps", type=int, default=150)
+    parser.add_argument("--batch_size", type=at_least(1), default=4)
+    parser.add_argument("--seq_len", type=at_least(2), default=256)
+    parser.add_argument("--vocab_size", type=at_least(2), default=4096)
+    parser.add_argument(
+        "--rounds", type=at_least(1), default=30, help="timed rounds of the round-robin (medians reported)"
+    )
+    parser.add_argument("--warmup_rounds", type=at_least(0), default=10, help="rounds run first and not counted")
+    parser.add_argument("--calibration_steps", type=at_least(1), default=150)
     parser.add_argument("--output", default="benchmarks/results/bench_gemm_library_cpu.json")
     args = parser.parse_args()
     if not onednn_available():

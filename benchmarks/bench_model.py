@@ -690,6 +690,21 @@ OVERRIDABLE_FIELDS = (
 )
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, else a usage error naming what is allowed."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def parse_model_overrides(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
     """`FIELD=N` pairs -> {field: N}, each field one of `OVERRIDABLE_FIELDS` and N an integer >= 1."""
     overrides = {}
@@ -708,11 +723,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny"], help="model sizes from remoe.configuration")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--decode_tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7, help="rounds of the round-robin (medians are reported)")
-    parser.add_argument("--calibration_steps", type=int, default=150)
+    parser.add_argument("--batch_size", type=at_least(1), default=8)
+    parser.add_argument("--seq_len", type=at_least(2), default=128)
+    parser.add_argument("--decode_tokens", type=at_least(1), default=32)
+    parser.add_argument(
+        "--repeats", type=at_least(1), default=7, help="rounds of the round-robin (medians are reported)"
+    )
+    parser.add_argument("--calibration_steps", type=at_least(1), default=150)
     parser.add_argument(
         "--models",
         nargs="+",
@@ -745,7 +762,7 @@ def main() -> None:
         help="keep one model in memory at a time, loading it from safetensors for each turn (auto: when all models "
         "would not fit in 60%% of the free memory)",
     )
-    parser.add_argument("--vocab_size", type=int, help="default: 4096 for tiny, 50304 otherwise")
+    parser.add_argument("--vocab_size", type=at_least(2), help="default: 4096 for tiny, 50304 otherwise")
     parser.add_argument(
         "--autocast",
         choices=sorted(AUTOCAST_DTYPES),
