@@ -697,7 +697,7 @@ class ReMoEDecoderLayer(GradientCheckpointingLayer):
         """`routing_input_ids`: the token ids, for the hash router; `routing_attention_mask`: the 2D padding mask, for
         Lory's segments and the router loss (other layers ignore them).
 
-        With `router_loss` (training), an MoE layer whose router has a loss (`router_loss_term`) returns
+        With `router_loss` (training), an MoE layer whose router has a loss (`router_loss_type`) returns
         `(hidden_states, its term)`: the term leaves the layer as one of its outputs, so it keeps its gradient under
         every activation checkpointing, reentrant included (which recomputes the layer in backward, outside the
         graph of anything captured from inside it)."""

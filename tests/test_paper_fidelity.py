@@ -136,6 +136,24 @@ def test_activation_checkpointing_gives_the_loss_and_gradients_of_none(router_ty
             torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-7)
 
 
+def test_router_losses_are_each_moe_layers_term_over_its_real_tokens():
+    """`ReMoEModel(..., router_loss=True)`: one term per MoE layer (dense layers give none), each equal to
+    `l1_layer_loss` of that layer's captured router logits without the padded rows; without it, none."""
+    from remoe.modeling_remoe import l1_layer_loss
+
+    model = remoe.ReMoEForCausalLM(tiny_config(num_hidden_layers=4, moe_layer_freq=2)).train()
+    input_ids = _batch(model.config)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    outputs = model.model(input_ids, attention_mask=attention_mask, output_router_logits=True, router_loss=True)
+    assert len(outputs.router_losses) == len(outputs.router_logits) == model.config.num_moe_layers == 2
+    real = attention_mask.reshape(-1).bool()
+    for term, logits in zip(outputs.router_losses, outputs.router_logits, strict=True):
+        expected = l1_layer_loss(logits[real], model.config.routed_top_k, model.config.load_balance)
+        assert term.requires_grad and torch.equal(term, expected)
+    assert model.model(input_ids, attention_mask=attention_mask).router_losses is None
+
+
 # Transformers 5.24 renamed the training arguments to `activation_checkpointing[_kwargs]`; the old names are aliases.
 CHECKPOINTING_ARGUMENTS = [
     name
