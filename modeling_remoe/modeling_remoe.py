@@ -880,7 +880,7 @@ def l1_regularization_loss(
     router_logits: tuple[torch.Tensor, ...], num_experts_per_tok: int, load_balance: str
 ) -> torch.Tensor:
     """ReMoE's L_reg: the mean over layers of `l1_layer_loss`."""
-    return torch.stack([l1_layer_loss(logits, num_experts_per_tok, load_balance) for logits in router_logits]).mean()
+    return reduce_layer_losses([l1_layer_loss(logits, num_experts_per_tok, load_balance) for logits in router_logits])
 
 
 def switch_layer_loss(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -900,8 +900,13 @@ def switch_load_balancing_loss(
 ) -> torch.Tensor:
     """`switch_layer_loss` of each layer, summed over the layers (`reduction="sum"`, Megatron's convention) or
     averaged."""
-    losses = torch.stack([switch_layer_loss(logits, top_k) for logits in router_logits])
-    return losses.sum() if reduction == "sum" else losses.mean()
+    return reduce_layer_losses([switch_layer_loss(logits, top_k) for logits in router_logits], reduction)
+
+
+def reduce_layer_losses(losses: list[torch.Tensor] | tuple[torch.Tensor, ...], reduction: str = "mean") -> torch.Tensor:
+    """The layers' router loss terms summed (`reduction="sum"`) or averaged, on the first term's device."""
+    stacked = torch.stack([loss.to(losses[0].device) for loss in losses])
+    return stacked.sum() if reduction == "sum" else stacked.mean()
 
 
 class ReMoEPreTrainedModel(PreTrainedModel):
@@ -1151,21 +1156,17 @@ class ReMoEForCausalLM(ReMoEPreTrainedModel, GenerationMixin):
         aux_loss = None
         if has_router and (output_router_logits or regularize):
             router_logits = _valid_token_rows(outputs.router_logits, attention_mask)
-            coef = None
-            if outputs.router_losses:  # training: the layers' own terms, which carry their gradients
-                terms = torch.stack([term.to(outputs.router_losses[0].device) for term in outputs.router_losses])
-                summed = loss_type == "switch" and self.config.router_aux_loss_reduction == "sum"
-                aux_loss = terms.sum() if summed else terms.mean()
-            elif loss_type == "l1":
-                aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
-            elif loss_type == "switch":
-                aux_loss = switch_load_balancing_loss(
-                    router_logits, self.routed_top_k, self.config.router_aux_loss_reduction
-                )
+            coef, reduction = None, "mean"
             if loss_type == "l1":
                 coef = self.controller.l1_coef
             elif loss_type == "switch":
-                coef = self.config.router_aux_loss_coef
+                coef, reduction = self.config.router_aux_loss_coef, self.config.router_aux_loss_reduction
+            if outputs.router_losses:  # training: the layers' own terms, which carry their gradients
+                aux_loss = reduce_layer_losses(outputs.router_losses, reduction)
+            elif loss_type == "l1":
+                aux_loss = l1_regularization_loss(router_logits, self.config.routed_top_k, self.config.load_balance)
+            elif loss_type == "switch":
+                aux_loss = switch_load_balancing_loss(router_logits, self.routed_top_k, reduction)
             if regularize:
                 weighted = None if loss is None or coef is None else coef * aux_loss
                 if self.config.router_type == "expert_choice":  # the experts chose among every row, padding included
