@@ -32,6 +32,7 @@ from bench_model import (
     cpu_run_header,
     measure_gemm_limit,
     onednn_available,
+    onednn_matmul,
     parse_model_overrides,
     trainer_optimizer,
 )
@@ -47,7 +48,7 @@ CONTESTANTS = ("grouped_mm", "eager", "eager-onednn")
 
 def onednn_linear_into(block: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     """`out = block @ weight.T` through oneDNN (it has no `out=`: the result is copied in)."""
-    out.copy_(torch.ops.mkldnn._linear_pointwise(block, weight, None, "none", [], ""))
+    out.copy_(onednn_matmul(block, weight.t()))
 
 
 def use(model: torch.nn.Module, contestant: str) -> None:

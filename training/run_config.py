@@ -226,6 +226,11 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def trains_on_cpu(training: dict[str, Any]) -> bool:
+    """Whether the run's `training` section trains on CPU: `use_cpu` where given, else when there is no accelerator."""
+    return training.get("use_cpu", not has_accelerator())
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One checked `remoe train` run: what `plan_run` resolved from the preset or file and the flags.
@@ -266,7 +271,7 @@ class RunConfig:
             name: value for name, value in self.sections["training"].items() if name not in ("seed", *WARMUP_FIELDS)
         }
         # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
-        training.setdefault("use_cpu", not has_accelerator())
+        training.setdefault("use_cpu", trains_on_cpu(training))
         training.setdefault("dataloader_pin_memory", has_accelerator())
         return TrainingArguments(
             output_dir=str(self.output_dir),
@@ -396,8 +401,11 @@ def _check_router_specific_flags(options: dict[str, Any], router_type: str) -> N
 
 def _check_experts_device(training: dict[str, Any], config: ReMoEConfig, where: str) -> None:
     """`triton` computes on CUDA (or on CPU under `TRITON_INTERPRET=1`): refused for a run that trains on CPU."""
-    on_cpu = training.get("use_cpu", not has_accelerator())
-    if config._experts_implementation == "triton" and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+    if (
+        config._experts_implementation == "triton"
+        and trains_on_cpu(training)
+        and os.environ.get("TRITON_INTERPRET") != "1"
+    ):
         raise ValueError(
             f"{where}: model.experts_implementation 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU), and this run "
             "trains on CPU; use 'grouped_mm' or 'eager'"
