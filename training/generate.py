@@ -1,4 +1,5 @@
-"""`remoe generate`: text from a checkpoint with `model.generate`, optionally with the experts each new token used."""
+"""`remoe generate`: text from a checkpoint with `model.generate` (plain prompts or the tokenizer's chat template,
+printed at the end or streamed as it is generated), optionally with the experts each new token used."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 
 import torch
-from transformers import set_seed
+from transformers import TextStreamer, set_seed
 
 from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, resolve_device
 from remoe.modeling_remoe import active_experts
@@ -21,7 +22,14 @@ ROUTING_NOTES = {
 
 
 def _validate(
-    prompts: list[str], max_new_tokens: int, do_sample: bool, temperature: float, top_p: float, dtype: str
+    prompts: list[str],
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    dtype: str,
+    chat: bool,
+    system: str | None,
 ) -> None:
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("--prompt: every prompt must be non-empty text")
@@ -35,6 +43,28 @@ def _validate(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not do_sample and (temperature != 1.0 or top_p != 1.0):
         raise ValueError("--temperature and --top_p apply to sampling: add --do_sample (greedy decoding ignores them)")
+    if system is not None and not chat:
+        raise ValueError("--system is the system message of a chat: add --chat")
+    if system is not None and not system:
+        raise ValueError("--system: the system message must be non-empty text")
+
+
+def _check_chat_template(tokenizer, model_dir: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"--chat: the tokenizer in {model_dir} has no chat template (tokenizer_config.json or "
+            "chat_template.jinja); drop --chat to complete the prompts as plain text"
+        )
+
+
+def _chat_inputs(tokenizer, prompt: str, system: str | None) -> dict:
+    """The prompt as one user turn (after the system message, if any) through the tokenizer's chat template, ending
+    with the assistant's generation prompt."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
 
 
 @torch.no_grad()
@@ -64,9 +94,14 @@ def generate(
     dtype: str = "auto",
     experts_implementation: str | None = None,
     show_routing: bool = False,
+    chat: bool = False,
+    system: str | None = None,
+    stream: bool = False,
 ) -> list[dict]:
-    """Complete each prompt; with `show_routing`, also report the experts every generated token used per layer."""
-    _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype)
+    """Complete each prompt; with `chat`, answer it as a user turn of the tokenizer's chat template (after `system`);
+    with `stream`, print each prompt and its completion to stdout as the tokens are generated; with
+    `show_routing`, also report the experts every generated token used per layer."""
+    _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype, chat, system)
     device = resolve_device(device)
     config = check_checkpoint(model_dir)
     if show_routing and not config.has_experts:
@@ -74,6 +109,8 @@ def generate(
             f"--show_routing needs a ReMoE model with experts (any router_type but dense); {model_dir} is dense"
         )
     tokenizer = load_tokenizer(model_dir)
+    if chat:
+        _check_chat_template(tokenizer, model_dir)
     load_options = {"dtype": dtype}
     if experts_implementation is not None:
         load_options["experts_implementation"] = experts_implementation
@@ -82,8 +119,13 @@ def generate(
     set_seed(seed)
     results = []
     for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        inputs = _chat_inputs(tokenizer, prompt, system) if chat else tokenizer(prompt, return_tensors="pt")
+        inputs = inputs.to(device)
         prompt_length = inputs["input_ids"].shape[1]
+        streamer = None
+        if stream:
+            print(prompt_heading(prompt, chat), end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         output = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -91,6 +133,7 @@ def generate(
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,
             pad_token_id=pad_token_id,
+            streamer=streamer,
         )
         new_ids = output[0, prompt_length:]
         result = {"prompt": prompt, "completion": tokenizer.decode(new_ids, skip_special_tokens=True)}
@@ -106,7 +149,22 @@ def generate(
     return results
 
 
+def prompt_heading(prompt: str, chat: bool) -> str:
+    """What the text output prints before a completion: the prompt it continues, or the user's turn of a chat."""
+    return f"> {prompt}\n" if chat else prompt
+
+
+def _print_routing(result: dict) -> None:
+    if "routing_note" in result:
+        print(f"  ({result['routing_note']})")
+    for entry in result.get("routing", []):
+        counts = entry["experts_per_layer"]
+        print(f"  {entry['token']!r:>16}  experts per layer {counts}  mean {sum(counts) / len(counts):.2f}")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.stream and args.json:
+        raise ValueError("--stream prints text as it is generated; --json prints the results at the end: pick one")
     results = generate(
         args.model_dir,
         args.prompt,
@@ -119,14 +177,14 @@ def run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         experts_implementation=args.experts_implementation,
         show_routing=args.show_routing,
+        chat=args.chat,
+        system=args.system,
+        stream=args.stream,
     )
     if args.json:
         print(json.dumps(results, indent=2))
         return
     for result in results:
-        print(result["prompt"] + result["completion"])
-        if "routing_note" in result:
-            print(f"  ({result['routing_note']})")
-        for entry in result.get("routing", []):
-            counts = entry["experts_per_layer"]
-            print(f"  {entry['token']!r:>16}  experts per layer {counts}  mean {sum(counts) / len(counts):.2f}")
+        if not args.stream:
+            print(prompt_heading(result["prompt"], args.chat) + result["completion"])
+        _print_routing(result)

@@ -287,6 +287,11 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument(
         "--show_routing", action="store_true", help="print how many experts each new token used in each layer"
     )
+    parser.add_argument(
+        "--chat", action="store_true", help="send each prompt as a user turn through the tokenizer's chat template"
+    )
+    parser.add_argument("--system", help="system message before each prompt (needs --chat)")
+    parser.add_argument("--stream", action="store_true", help="print the tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.set_defaults(handler="remoe.training.generate:run")
 
