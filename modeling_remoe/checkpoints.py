@@ -12,7 +12,10 @@ conversion writer, the Trainer's staged saves and the embedded corpus cache all 
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -23,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError  # the base of the strict-dataclass validation errors
 from safetensors import safe_open
 
 from .configuration_remoe import ReMoEConfig
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PICKLE_WEIGHTS = re.compile(r"(pytorch_model|model|adapter_model)(-\d+-of-\d+)?\.(bin|pt|pth|ckpt)")
@@ -43,6 +49,11 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # some older checkpoints carry the RoPE buffer
+# Keys a ReMoE config.json may hold besides what `ReMoEConfig().to_dict()` writes: Transformers' own bookkeeping and
+# the legacy names it still reads.
+_CONFIG_EXTRA_KEYS = {"auto_map", "torch_dtype", "experts_implementation", "rope_theta", "rope_scaling"}
+# Errors Transformers or torch raise while building a model from a config whose values they cannot use.
+_MODEL_BUILD_ERRORS = (KeyError, RuntimeError, AttributeError, ValueError, TypeError, ZeroDivisionError, IndexError)
 
 
 class CheckpointError(ValueError):
@@ -204,12 +215,40 @@ def check_checkpoint(path: str | os.PathLike) -> ReMoEConfig:
             f"{path / 'config.json'}: model_type is {checkpoint.model_type!r}, not 'remoe' (turn a Llama-family or "
             "Mixtral checkpoint into ReMoE with `remoe convert`)"
         )
+    config_file = path / "config.json"
     try:
         config = ReMoEConfig.from_pretrained(path)
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{path / 'config.json'}: {error}") from error
-    check_weights_match(checkpoint, *expected_tensor_shapes(config), where=str(path))
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise CheckpointError(f"{config_file}: {' '.join(str(error).split())}") from error
+    check_config_keys(checkpoint.config_dict, config_file)
+    try:
+        shapes, optional = expected_tensor_shapes(config)
+    except _MODEL_BUILD_ERRORS as error:
+        raise CheckpointError(
+            f"{config_file}: the model it describes cannot be built ({type(error).__name__}: "
+            f"{' '.join(str(error).split())})"
+        ) from error
+    check_weights_match(checkpoint, shapes, optional, where=str(path))
     return config
+
+
+@functools.cache
+def _known_config_keys() -> frozenset[str]:
+    """The keys a ReMoE config.json may hold: those `ReMoEConfig().to_dict()` writes and `_CONFIG_EXTRA_KEYS`."""
+    return frozenset(ReMoEConfig().to_dict()) | _CONFIG_EXTRA_KEYS
+
+
+def check_config_keys(config_dict: dict[str, Any], config_file: str | os.PathLike) -> None:
+    """Refuse a key of a ReMoE config.json that is a near miss of a known field (`num_expert`: a typo, which would
+    leave the field at its default); warn about other unknown keys, which Transformers keeps as attributes."""
+    known = _known_config_keys()
+    unknown = sorted(key for key in config_dict if key not in known)
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+        if close:
+            raise CheckpointError(f"{config_file}: unknown key {key!r}; did you mean {close[0]!r}?")
+    if unknown:
+        logger.warning("%s: keys that ReMoE does not use (kept as attributes): %s", config_file, ", ".join(unknown))
 
 
 def load_model(path: str | os.PathLike, model_class: type | None = None, **from_pretrained_kwargs):
@@ -269,6 +308,7 @@ __all__ = [
     "CheckpointError",
     "SafetensorsCheckpoint",
     "check_checkpoint",
+    "check_config_keys",
     "check_weights_match",
     "expected_tensor_shapes",
     "load_any_model",

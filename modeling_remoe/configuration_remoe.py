@@ -2,12 +2,27 @@
 """ReMoE model configuration."""
 
 import math
+import types
+import typing
+from typing import Any
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import MixtralConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-from transformers.modeling_rope_utils import RopeParameters
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
+
+try:  # huggingface_hub's strict-dataclass validation errors: a field's type, a class validator (`validate_*`)
+    from huggingface_hub.dataclasses import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+
+    STRICT_VALIDATION_ERRORS: tuple[type[Exception], ...] = (
+        StrictDataclassFieldValidationError,
+        StrictDataclassClassValidationError,
+    )
+except ImportError:  # a release that does not export them there: they propagate as they are
+    STRICT_VALIDATION_ERRORS = ()
 
 ROUTER_TYPES = ("relu", "topk", "dense", "hash", "expert_choice", "sparsemixer", "lory")
 # Routers whose training adds the Switch balancing loss (`router_aux_loss_coef`); ReLU routing adds the L1 term instead,
@@ -15,6 +30,18 @@ ROUTER_TYPES = ("relu", "topk", "dense", "hash", "expert_choice", "sparsemixer",
 BALANCING_LOSS_ROUTER_TYPES = ("topk", "sparsemixer")
 LOAD_BALANCE_TYPES = ("refined_l1", "l1")
 AUX_LOSS_REDUCTIONS = ("sum", "mean")
+# Fields annotated `float | int`: an int is accepted (JSON and YAML write `0` for 0.0) and stored as a float.
+FLOAT_FIELDS = (
+    "initializer_range",
+    "rms_norm_eps",
+    "attention_dropout",
+    "l1_coef_init",
+    "l1_coef_multiplier",
+    "router_aux_loss_coef",
+    "router_capacity_factor",
+    "router_jitter_eps",
+)
+TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
 # Transformers' parallel plans, by module kind. The experts follow Mixtral's layout and contract, so they are sharded as
@@ -49,6 +76,40 @@ def experts_are_tensor_parallel() -> bool:
     """Whether the installed Transformers shards MoE experts under tensor parallelism (its Mixtral plan does so up to
     5.24)."""
     return any(name.startswith("layers.*.mlp.experts") for name in MixtralConfig.base_model_tp_plan)
+
+
+def rope_types() -> tuple[str, ...]:
+    """The RoPE types the model computes: `"default"` and Transformers' `ROPE_INIT_FUNCTIONS`."""
+    return ("default", *ROPE_INIT_FUNCTIONS)
+
+
+def _describe_type(hint: Any) -> str:
+    """A field annotation in words, for error messages: `int` -> "an int", `int | None` -> "an int or None"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if set(typing.get_args(hint)) == {float, int}:
+            return "a number"
+        return " or ".join(dict.fromkeys(_describe_type(arg) for arg in typing.get_args(hint)))
+    if hint is type(None):
+        return "None"
+    if hint is RopeParameters or typing.get_origin(hint) is dict:
+        return "a dict"
+    names = {int: "an int", float: "a number", str: "a string", bool: "a bool (true or false)", dict: "a dict"}
+    if hint in names:
+        return names[hint]
+    return getattr(hint, "__name__", str(hint))
+
+
+def _validation_message(config_class: type, error: Exception, values: dict[str, Any]) -> str:
+    """One line naming the field for a strict-dataclass validation error (`values`: what the config was given)."""
+    # huggingface_hub's message starts "Validation error for field 'NAME':" for a field's type
+    name = str(error).partition("Validation error for field '")[2].partition("'")[0]
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    if name in fields and name in values:
+        value = values[name]
+        got = "None" if value is None else f"{type(value).__name__} {value!r}"
+        return f"`{name}` must be {_describe_type(fields[name].type)}, got {got}"
+    cause = error.__cause__ if error.__cause__ is not None else error  # a class validator's own message
+    return " ".join(str(cause).split())
 
 
 def experts_implementations() -> tuple[str, ...]:
@@ -126,8 +187,8 @@ class ReMoEConfig(PreTrainedConfig):
     head_dim: int | None = None
     hidden_act: str = "silu"
     max_position_embeddings: int = 1024
-    initializer_range: float = 0.01
-    rms_norm_eps: float = 1e-5
+    initializer_range: float | int = 0.01
+    rms_norm_eps: float | int = 1e-5
     use_cache: bool = True
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -141,10 +202,10 @@ class ReMoEConfig(PreTrainedConfig):
     granularity: int = 1
     router_type: str = "relu"
     moe_layer_freq: int = 1
-    l1_coef_init: float = 1e-8
-    l1_coef_multiplier: float = 1.2
+    l1_coef_init: float | int = 1e-8
+    l1_coef_multiplier: float | int = 1.2
     load_balance: str = "refined_l1"
-    router_aux_loss_coef: float = 0.01
+    router_aux_loss_coef: float | int = 0.01
     router_renormalize: bool = False
     router_aux_loss_reduction: str = "sum"
     router_sampling: bool = False
@@ -159,7 +220,17 @@ class ReMoEConfig(PreTrainedConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
+            if self.hidden_size >= 1 and self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                    f"({self.num_attention_heads}), or set `head_dim`"
+                )
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        for name, value in (("dtype", self.dtype), ("torch_dtype", kwargs.get("torch_dtype"))):
+            if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ValueError(
+                    f"`{name}` must be a torch dtype name such as 'float32', 'bfloat16' or 'float16', got {value!r}"
+                )
         if self.router_type == "lory":
             self.use_cache = False  # segment routing needs state a KV cache does not keep (see ReMoELoryMoeBlock)
         self.base_model_tp_plan = self._tensor_parallel_plan()  # not saved: Transformers drops it from config.json
@@ -180,21 +251,48 @@ class ReMoEConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
+        """Transformers' `from_dict` (`from_pretrained` reads config.json through it), with every invalid value a
+        `ValueError` naming the field: huggingface_hub's strict-dataclass errors (a wrong type, a class validator)
+        are turned into one."""
+        try:
+            result = super().from_dict(config_dict, **kwargs)
+        except STRICT_VALIDATION_ERRORS as error:
+            raise ValueError(_validation_message(cls, error, {**config_dict, **kwargs})) from error
         # from_pretrained sets keyword overrides after construction: check them too.
-        result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result)._check_values()
         return result
 
     def _check_values(self) -> None:
-        """Raise `ValueError` naming the field for every invalid value (run at construction)."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        """Raise `ValueError` naming the field for every invalid value (run at construction). An int given for a
+        float field (`FLOAT_FIELDS`) is stored as a float."""
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.head_dim < 1:
+            raise ValueError(f"`head_dim` must be >= 1, got {self.head_dim}")
         if self.num_key_value_heads < 1 or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
                 f"({self.num_key_value_heads})"
             )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                "`hidden_act` must be one of Transformers' activations (transformers.activations.ACT2FN), e.g. "
+                f"'silu', 'gelu', 'gelu_new', 'relu', 'tanh'; got {self.hidden_act!r}"
+            )
+        self._check_rope_parameters()
+        self._check_token_ids()
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"`router_type` must be one of {ROUTER_TYPES}, got {self.router_type!r}")
         if self.load_balance not in LOAD_BALANCE_TYPES:
@@ -228,9 +326,9 @@ class ReMoEConfig(PreTrainedConfig):
             raise ValueError("router_type='lory' cannot use a KV cache (segment routing needs state it does not keep)")
         if self.router_segment_length is not None and self.router_segment_length < 1:
             raise ValueError(f"`router_segment_length` must be >= 1, got {self.router_segment_length}")
-        if self.router_hash_seed < 0:
-            raise ValueError(f"`router_hash_seed` must be >= 0, got {self.router_hash_seed}")
-        for name in ("router_capacity_factor", "router_jitter_eps"):
+        if not 0 <= self.router_hash_seed < 2**63:
+            raise ValueError(f"`router_hash_seed` must be in [0, 2**63), got {self.router_hash_seed}")
+        for name in ("router_capacity_factor", "router_jitter_eps", "rms_norm_eps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"`{name}` must be a finite number > 0, got {value}")
@@ -247,10 +345,36 @@ class ReMoEConfig(PreTrainedConfig):
             )
         if not math.isfinite(self.l1_coef_multiplier) or self.l1_coef_multiplier <= 1:
             raise ValueError(f"`l1_coef_multiplier` must be a finite number > 1, got {self.l1_coef_multiplier}")
-        for name in ("l1_coef_init", "router_aux_loss_coef", "initializer_range", "attention_dropout"):
+        for name in ("l1_coef_init", "router_aux_loss_coef", "initializer_range"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+        if not 0 <= self.attention_dropout < 1:  # also refuses NaN
+            raise ValueError(f"`attention_dropout` must be a number in [0, 1), got {self.attention_dropout}")
+
+    def _check_rope_parameters(self) -> None:
+        """`rope_parameters`: a RoPE type the model computes and a finite `rope_theta` > 0."""
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            return  # None: Transformers' defaults (`default_theta`) apply
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in rope_types():
+            raise ValueError(f"`rope_parameters['rope_type']` must be one of {rope_types()}, got {rope_type!r}")
+        theta = rope.get("rope_theta")
+        if theta is not None and (
+            isinstance(theta, bool) or not isinstance(theta, int | float) or not math.isfinite(theta) or theta <= 0
+        ):
+            raise ValueError(f"`rope_parameters['rope_theta']` must be a finite number > 0, got {theta!r}")
+
+    def _check_token_ids(self) -> None:
+        """`pad_token_id`, `bos_token_id`, `eos_token_id` (an id or a list of ids): None or ids in [0, vocab_size)."""
+        for name in TOKEN_ID_FIELDS:
+            value = getattr(self, name, None)
+            for token_id in value if isinstance(value, list) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"`{name}` must be None or a token id in [0, vocab_size={self.vocab_size}), got {value}"
+                    )
 
     @property
     def num_routed_experts(self) -> int:

@@ -550,13 +550,37 @@ def _decode_runs_the_loop(experts: nn.Module, hidden_states: torch.Tensor, top_k
     return rows < num_experts
 
 
+# `torch.nn.functional.grouped_mm` (and `torch._grouped_mm`) need every operand's row stride to be a multiple of 16
+# bytes ("strides should be multiple of 16 bytes"): the experts' rows are `hidden_size` and expert-width elements.
+_GROUPED_MM_ALIGNMENT_BYTES = 16
+
+
+def grouped_mm_strides_are_aligned(experts: nn.Module) -> bool:
+    """Whether `grouped_mm` can take these experts' operands: `hidden_size` and the expert width (`down_proj` is
+    `(E, H, I)`), times the weights' element size, are multiples of 16 bytes (fp32: multiples of 4 elements; bf16 and
+    fp16: of 8). Sharded (DTensor) weights, whose local shapes differ, count as aligned (their path is unchanged)."""
+    weight = experts.down_proj
+    if type(weight) not in (torch.Tensor, nn.Parameter):
+        return True
+    element_size = weight.element_size()
+    return all(dim * element_size % _GROUPED_MM_ALIGNMENT_BYTES == 0 for dim in weight.shape[-2:])
+
+
 def grouped_mm_experts_forward(
     module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """ReMoE's `grouped_mm`: Transformers' `grouped_mm` experts function, except that decoding on CPU skips the
-    experts without rows (`_decode_runs_the_loop`; the result is the same). Registered under Transformers' name in
-    ReMoE's experts interface, so it runs inside the experts' `forward`, where Transformers' tensor and expert
-    parallel wrappers enclose it."""
+    """ReMoE's `grouped_mm`: Transformers' `grouped_mm` experts function, except that it runs the exact loop over the
+    experts with rows (`eager_experts_forward`) where `grouped_mm` cannot: operands whose rows are not 16-byte aligned
+    (`grouped_mm_strides_are_aligned`, e.g. `intermediate_size=66` or an expert width of 1 or 2 in fp32), and, as a
+    shortcut, decoding on CPU with experts without rows (`_decode_runs_the_loop`; the result is the same).
+    Registered under Transformers' name in ReMoE's experts interface, so it runs inside the experts' `forward`, where
+    Transformers' tensor and expert parallel wrappers enclose it."""
+    if not grouped_mm_strides_are_aligned(module) and (
+        # Under torch.compile, Transformers calls `grouped_mm` for bf16 weights only (for the others it runs its own
+        # fallback, which takes any shape and keeps the graph whole).
+        not torch.compiler.is_compiling() or module.down_proj.dtype == torch.bfloat16
+    ):
+        return eager_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     if _decode_runs_the_loop(module, hidden_states, top_k_index):
         return eager_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     return ALL_EXPERTS_FUNCTIONS["grouped_mm"](module, hidden_states, top_k_index, top_k_weights)
