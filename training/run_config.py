@@ -7,10 +7,11 @@ A run has three sections, each with a closed set of keys:
 - `training`: `TrainingArguments` fields, plus `deepspeed` and `expert_parallel_size`.
 
 `plan_run` turns the options of `remoe train` into a `RunConfig`: it merges the file and the flags (`resolve_run`) and
-checks every key ("did you mean ..." for unknown ones), every type and range (naming the field), the combinations, the
-parallel layout (`remoe.training.distributed`), the machine (memory for the model, bf16) and the output folder. A
-non-empty output folder is never reused silently: it is refused unless the run resumes it (same model and data as its
-`run_config.yaml`) or `--overwrite` asks to replace it.
+checks the YAML itself (duplicate keys, empty sections), every key ("did you mean ..." for unknown ones), every type
+and range (naming the field; numbers YAML 1.1 reads as text, like `1e-3`, become floats), the combinations (in one
+process also through a throwaway `TrainingArguments`), the parallel layout (`remoe.training.distributed`), the machine
+(memory for the model, bf16) and the output folder. A non-empty output folder is never reused silently: it is refused
+unless the run resumes it (same model and data as its `run_config.yaml`) or `--overwrite` asks to replace it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import inspect
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 import types
 import typing
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +39,15 @@ import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import TrainingArguments
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+from transformers.trainer_utils import SchedulerType
 
 from remoe import ReMoEConfig
 from remoe.checkpoints import check_checkpoint
 from remoe.configuration import load_preset
 
-from .distributed import resolve_parallel_options, world_size_from_env
+from .distributed import accelerate_deepspeed_env, resolve_parallel_options, world_size_from_env
 from .trainer import check_complete_checkpoint, is_complete_checkpoint, last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -96,13 +104,71 @@ DATA_FIELDS: dict[str, tuple[tuple[type, ...], int | None]] = {
 DATA_DEFAULTS = {"dataset": "builtin", "vocab_size": 8192, "max_eval_blocks": 64}
 # Fields the tokenizer decides for a new model; set `data.vocab_size` (or `--tokenizer`) instead.
 TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
-# `TrainingArguments` fields that `remoe train` sets itself, with the flag to use instead.
+# `TrainingArguments` fields that `remoe train` sets itself, with the flag to use instead. (`seed`, `data_seed` and
+# `report_to` have remoe defaults that the training section may change: `build_training_arguments`.)
 REMOE_TRAINING_FIELDS = {
     "output_dir": "--output_dir",
     "save_strategy": "--save_steps",
     "eval_strategy": "(remoe train evaluates once at the end)",
     "dataloader_drop_last": "(remoe train drops the last partial batch)",
 }
+# What remoe passes to `TrainingArguments` unless the training section says otherwise. `logging_nan_inf_filter` is off
+# so that a NaN/inf loss reaches the log (and stops the run, `train.NonFiniteLossCallback`) instead of being hidden.
+TRAINING_DEFAULTS: dict[str, Any] = {"report_to": ["tensorboard"], "logging_nan_inf_filter": False}
+# The numbers of the `training` section: field -> (what is allowed, test). NaN fails every test.
+_AT_LEAST_ONE = ("an integer >= 1", lambda value: value >= 1)
+_POSITIVE = ("a finite number > 0", lambda value: 0 < value < math.inf)
+_NON_NEGATIVE = ("a finite number >= 0", lambda value: 0 <= value < math.inf)
+_BELOW_ONE = ("a number in [0, 1)", lambda value: 0 <= value < 1)
+_STEPS = (
+    "an integer >= 1, or a fraction of max_steps in (0, 1)",
+    lambda value: 0 < value < math.inf and (value < 1 or value == int(value)),
+)
+_SEED = ("an integer in [0, 2**32 - 1]", lambda value: 0 <= value < 2**32)
+TRAINING_RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "max_steps": _AT_LEAST_ONE,
+    "per_device_train_batch_size": _AT_LEAST_ONE,
+    "per_device_eval_batch_size": _AT_LEAST_ONE,
+    "gradient_accumulation_steps": _AT_LEAST_ONE,
+    "eval_accumulation_steps": _AT_LEAST_ONE,
+    "save_total_limit": _AT_LEAST_ONE,
+    "torch_empty_cache_steps": _AT_LEAST_ONE,
+    "dataloader_prefetch_factor": _AT_LEAST_ONE,
+    "ddp_bucket_cap_mb": _AT_LEAST_ONE,
+    "ddp_timeout": _AT_LEAST_ONE,
+    "dataloader_num_workers": ("an integer >= 0", lambda value: value >= 0),
+    "seed": _SEED,
+    "data_seed": _SEED,
+    "learning_rate": _POSITIVE,
+    "num_train_epochs": _POSITIVE,
+    "adam_epsilon": _POSITIVE,
+    "neftune_noise_alpha": _POSITIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "max_grad_norm": ("a finite number >= 0 (0 turns gradient clipping off)", lambda value: 0 <= value < math.inf),
+    "eval_delay": _NON_NEGATIVE,
+    "adam_beta1": _BELOW_ONE,
+    "adam_beta2": _BELOW_ONE,
+    "label_smoothing_factor": _BELOW_ONE,
+    "warmup_steps": (
+        "an integer >= 0 (steps), or a fraction of max_steps in [0, 1)",
+        lambda value: 0 <= value < math.inf and (value < 1 or value == int(value)),
+    ),
+    "logging_steps": _STEPS,
+    "save_steps": _STEPS,
+    "eval_steps": _STEPS,
+}
+# Scheduler arguments the Trainer passes itself (`transformers.optimization.get_scheduler`), and `last_epoch`, which
+# only a resume sets (through the scheduler's state).
+_SCHEDULER_OWN_ARGUMENTS = ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")
+# Schedulers `get_scheduler` builds without `lr_scheduler_kwargs`, and those that need an evaluation every few steps.
+_SCHEDULERS_WITHOUT_KWARGS = ("constant", "constant_with_warmup")
+_SCHEDULERS_NEEDING_EVALUATION = ("reduce_lr_on_plateau", "greedy")
+_SCHEDULER_RATES = ("min_lr_rate", "warmup_lr_rate", "min_lr_ratio")
+_WSD_SHAPES = ("linear", "cosine", "1-sqrt")
+# A number in text (a quoted one, or `1e-3`: PyYAML 1.1 reads an exponent without a dot as a string), and the
+# exponent form alone.
+_NUMBER_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_EXPONENT_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 PARALLEL_FIELDS = ("deepspeed", "expert_parallel_size")
 # `training` keys of remoe's own: TopK's near-dense warmup (k experts for the first steps; the ReMoE paper's baseline).
 WARMUP_FIELDS = ("topk_warmup_k", "topk_warmup_steps")
@@ -175,13 +241,16 @@ def check_data_section(data: dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: data.{name} must be {allowed}, got {_type_name(value)}")
         if minimum is not None and value < minimum:
             raise ValueError(f"{where}: data.{name} must be >= {minimum}, got {value}")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"{where}: data.{name} is empty; give a value or remove the key to use the default")
         if name == "domains" and (not value or not all(isinstance(domain, str) for domain in value)):
             raise ValueError(f"{where}: data.domains must be a non-empty list of domain names, got {value!r}")
 
 
 def check_training_section(training: dict[str, Any], where: str) -> None:
-    """Keys, types, ranges and enumerated values against `TrainingArguments`' fields (no instance is built: under a
-    launcher that would already set up the distributed state)."""
+    """Keys, types, ranges and enumerated values of the `training` section against `TrainingArguments`' fields, the
+    learning-rate scheduler's arguments and the reporting integrations. (`check_with_training_arguments` then builds a
+    throwaway `TrainingArguments` where that is free of side effects.)"""
     hints = typing.get_type_hints(TrainingArguments)
     fields = {field.name for field in dataclasses.fields(TrainingArguments) if field.init}
     for name, flag in REMOE_TRAINING_FIELDS.items():
@@ -192,21 +261,229 @@ def check_training_section(training: dict[str, Any], where: str) -> None:
         if name not in hints:
             continue
         if not _matches(value, hints[name]):
-            raise ValueError(f"{where}: training.{name} must be {hints[name]}, got {_type_name(value)}")
+            hint = ""
+            if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value.strip()) and float(value).is_integer():
+                hint = f" (YAML 1.1 reads {value} as text: write {int(float(value))})"
+            raise ValueError(
+                f"{where}: training.{name} must be {_describe_hint(hints[name])}, got {_type_name(value)}{hint}"
+            )
         choices = _enum_values(hints[name])
         if choices and isinstance(value, str) and value not in choices:
             raise ValueError(
                 f"{where}: training.{name} must be one of {sorted(choices)}, got {value!r}"
                 f"{_did_you_mean(value, choices)}"
             )
-    for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_total_limit"):
+    for name, (allowed, test) in TRAINING_RANGES.items():
         value = training.get(name)
-        if value is not None and value < 1:
-            raise ValueError(f"{where}: training.{name} must be >= 1, got {value}")
-    for name in ("learning_rate", "logging_steps", "save_steps"):
-        value = training.get(name)
-        if value is not None and not value > 0:
-            raise ValueError(f"{where}: training.{name} must be > 0, got {value}")
+        if value is not None and not test(value):
+            raise ValueError(f"{where}: training.{name} must be {allowed}, got {value!r}")
+    _check_scheduler(training, where)
+    _check_report_to(training.get("report_to"), where)
+
+
+def _describe_hint(hint: Any) -> str:
+    """A field annotation as the user writes it: `float`, `int | null`, `SchedulerType | str`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_describe_hint(member) for member in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _float_fields(cls: type) -> set[str]:
+    """The dataclass fields of `cls` annotated as a number that may be a float (and not text)."""
+    try:
+        hints = typing.get_type_hints(cls, localns={"torch": torch})
+    except (NameError, TypeError):
+        return set()
+    floats = set()
+    for name, hint in hints.items():
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if float in members and str not in members:
+            floats.add(name)
+    return floats
+
+
+def _numbers_from_text(values: dict[str, Any], names: typing.Iterable[str], pattern: re.Pattern = _NUMBER_TEXT) -> None:
+    """Turn the numbers written as text that match `pattern` into floats, for the fields `names`."""
+    for name in names:
+        value = values.get(name)
+        if isinstance(value, str) and pattern.fullmatch(value.strip()):
+            values[name] = float(value)
+
+
+def normalize_numbers(run: dict[str, dict]) -> None:
+    """The float fields of the `training` and `model` sections written as text (`1e-3`: YAML 1.1 reads an exponent
+    without a dot as a string) become floats, the user's intent being unambiguous; so do the exponent-form values of
+    the scheduler's and RoPE's arguments (e.g. `rope_theta: 1e6`)."""
+    _numbers_from_text(run["training"], _float_fields(TrainingArguments))
+    kwargs = run["training"].get("lr_scheduler_kwargs")
+    if isinstance(kwargs, dict):
+        _numbers_from_text(kwargs, list(kwargs), _EXPONENT_TEXT)
+    _numbers_from_text(run["model"], _float_fields(ReMoEConfig))
+    rope = run["model"].get("rope_parameters")
+    if isinstance(rope, dict):
+        _numbers_from_text(rope, [name for name in rope if name != "rope_type"], _EXPONENT_TEXT)
+
+
+def _check_scheduler(training: dict[str, Any], where: str) -> None:
+    """`lr_scheduler_kwargs` against the signature of the scheduler function (`TYPE_TO_SCHEDULER_FUNCTION`) that the
+    Trainer will call, and the schedulers remoe cannot run."""
+    name = training.get("lr_scheduler_type", "linear")
+    name = name.value if isinstance(name, SchedulerType) else str(name)
+    kwargs = training.get("lr_scheduler_kwargs")
+    if isinstance(kwargs, str):
+        try:
+            kwargs = json.loads(kwargs)
+        except ValueError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise ValueError(
+                f"{where}: training.lr_scheduler_kwargs must be a mapping such as {{min_lr_rate: 0.1}}, got "
+                f"{training['lr_scheduler_kwargs']!r}"
+            )
+    kwargs = kwargs or {}
+    if name in _SCHEDULERS_NEEDING_EVALUATION:
+        raise ValueError(
+            f"{where}: training.lr_scheduler_type {name!r} needs an evaluation every few steps, and remoe train "
+            "evaluates once, at the end; use another scheduler (e.g. cosine)"
+        )
+    if name in _SCHEDULERS_WITHOUT_KWARGS:
+        if kwargs:
+            raise ValueError(
+                f"{where}: training.lr_scheduler_kwargs {sorted(kwargs)}: lr_scheduler_type {name!r} takes no "
+                "arguments (Transformers would ignore them); remove lr_scheduler_kwargs"
+            )
+        return
+    function = TYPE_TO_SCHEDULER_FUNCTION.get(SchedulerType(name))
+    if function is None:
+        return
+    parameters = {
+        parameter.name: parameter
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.name not in _SCHEDULER_OWN_ARGUMENTS and parameter.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    for key in kwargs:
+        if key not in parameters:
+            takes = ", ".join(parameters) or "no arguments"
+            raise ValueError(
+                f"{where}: training.lr_scheduler_kwargs.{key} is not an argument of lr_scheduler_type {name!r} "
+                f"(it takes: {takes}){_did_you_mean(str(key), parameters)}"
+            )
+    missing = [key for key, parameter in parameters.items() if parameter.default is inspect.Parameter.empty]
+    missing = [key for key in missing if key not in kwargs]
+    if missing:
+        raise ValueError(
+            f"{where}: lr_scheduler_type {name!r} needs training.lr_scheduler_kwargs.{missing[0]} "
+            f"(e.g. lr_scheduler_kwargs: {{{missing[0]}: ...}})"
+        )
+    if "min_lr" in parameters and "min_lr_rate" in parameters:
+        given = [key for key in ("min_lr", "min_lr_rate") if kwargs.get(key) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"{where}: lr_scheduler_type {name!r} needs exactly one of training.lr_scheduler_kwargs.min_lr "
+                f"(the final learning rate) and .min_lr_rate (its ratio to learning_rate), got "
+                f"{', '.join(given) or 'neither'} (e.g. lr_scheduler_kwargs: {{min_lr_rate: 0.1}})"
+            )
+    for key, value in kwargs.items():
+        _check_scheduler_value(key, value, parameters[key], where)
+    if "lr_end" in parameters:
+        lr_end = kwargs.get("lr_end", parameters["lr_end"].default)
+        learning_rate = training.get("learning_rate", _training_default("learning_rate"))
+        if isinstance(lr_end, int | float) and not lr_end < learning_rate:
+            raise ValueError(
+                f"{where}: training.lr_scheduler_kwargs.lr_end ({lr_end}) must be smaller than training.learning_rate "
+                f"({learning_rate})"
+            )
+
+
+def _check_scheduler_value(key: str, value: Any, parameter: inspect.Parameter, where: str) -> None:
+    """One scheduler argument: a number (>= 0; a rate in [0, 1]) where its default is one, or one of the shapes."""
+    field = f"training.lr_scheduler_kwargs.{key}"
+    if key in ("warmup_type", "decay_type"):
+        if value not in _WSD_SHAPES:
+            raise ValueError(f"{where}: {field} must be one of {list(_WSD_SHAPES)}, got {value!r}")
+        return
+    numeric = isinstance(parameter.default, int | float) and not isinstance(parameter.default, bool)
+    if not (numeric or parameter.default is None or parameter.default is inspect.Parameter.empty):
+        return
+    if value is None and parameter.default is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where}: {field} must be a number, got {_type_name(value)}")
+    if key in _SCHEDULER_RATES:
+        if not 0 <= value <= 1:
+            raise ValueError(f"{where}: {field} must be a ratio in [0, 1], got {value!r}")
+    elif not 0 <= value < math.inf:
+        raise ValueError(f"{where}: {field} must be a finite number >= 0, got {value!r}")
+
+
+def _check_report_to(value: Any, where: str) -> None:
+    """`report_to`: `none`, `all`, or the names of installed reporting integrations (default: tensorboard)."""
+    if value is None:
+        return
+    names = [value] if isinstance(value, str) else value
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if not isinstance(name, str) or (name not in known and name not in ("none", "all")):
+            raise ValueError(
+                f"{where}: training.report_to must be 'none', 'all' or among {known}, got {name!r}"
+                f"{_did_you_mean(str(name), known)}"
+            )
+        if name in ("none", "all") and len(names) > 1:
+            raise ValueError(f"{where}: training.report_to {name!r} stands alone, got {names!r}")
+    available = get_available_reporting_integrations()
+    missing = [name for name in names if name not in ("none", "all") and name not in available]
+    if missing:
+        raise ValueError(
+            f"{where}: training.report_to {missing[0]!r} is not installed here (installed: "
+            f"{', '.join(available) or 'none'}); install it or choose another"
+        )
+
+
+def _training_default(name: str) -> Any:
+    return next(field.default for field in dataclasses.fields(TrainingArguments) if field.name == name)
+
+
+def check_with_training_arguments(training: dict[str, Any], where: str, *, deepspeed: Any = None) -> None:
+    """Build the run's `TrainingArguments` once, in a temporary folder, to find what only its own checks know (e.g.
+    `load_best_model_at_end` without evaluation, fp16 with bf16, bf16 on a GPU without it) before any work.
+
+    Skipped under a launcher (WORLD_SIZE > 1) or with DeepSpeed: there, building one sets up the process group or the
+    DeepSpeed state. In one process it writes nothing and leaves only Accelerate's `PartialState` (which the run's own
+    `TrainingArguments` resets); the explicit checks of `check_training_section` hold in every case."""
+    if deepspeed or any(accelerate_deepspeed_env()) or world_size_from_env() > 1:
+        return
+    with tempfile.TemporaryDirectory(prefix="remoe-check-") as folder:
+        try:
+            build_training_arguments(training, output_dir=Path(folder) / "output", seed=training.get("seed", 42))
+        except (ValueError, TypeError, KeyError, NotImplementedError, ImportError) as error:
+            message = " ".join(str(error).split()) or type(error).__name__
+            named = [name for name in training if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", message) is not None]
+            fields = ", ".join(f"training.{name}" for name in named) if named else "the training section"
+            raise ValueError(f"{where}: {fields}: refused by TrainingArguments: {message}") from error
+
+
+def build_training_arguments(
+    training: dict[str, Any], *, output_dir: Path, seed: int, deepspeed: str | dict | None = None
+) -> TrainingArguments:
+    """`TrainingArguments` from a `training` section plus what `remoe train` always sets (and its defaults)."""
+    values = {name: value for name, value in training.items() if name not in ("seed", *WARMUP_FIELDS, *PARALLEL_FIELDS)}
+    for name, value in TRAINING_DEFAULTS.items():
+        values.setdefault(name, list(value) if isinstance(value, list) else value)
+    values.setdefault("data_seed", seed)
+    # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
+    values.setdefault("use_cpu", trains_on_cpu(values))
+    values.setdefault("dataloader_pin_memory", has_accelerator())
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=seed,
+        save_strategy="steps",
+        eval_strategy="no",
+        dataloader_drop_last=True,
+        deepspeed=deepspeed,
+        **values,
+    )
 
 
 def _enum_values(hint: Any) -> set[str]:
@@ -267,22 +544,8 @@ class RunConfig:
 
     def training_arguments(self) -> TrainingArguments:
         """The run's `TrainingArguments`: the `training` section plus what `remoe train` always sets."""
-        training = {
-            name: value for name, value in self.sections["training"].items() if name not in ("seed", *WARMUP_FIELDS)
-        }
-        # Without an accelerator, the Trainer must be told: with DeepSpeed it would otherwise set up one process per rank.
-        training.setdefault("use_cpu", trains_on_cpu(training))
-        training.setdefault("dataloader_pin_memory", has_accelerator())
-        return TrainingArguments(
-            output_dir=str(self.output_dir),
-            seed=self.seed,
-            data_seed=self.seed,
-            report_to=["tensorboard"],
-            save_strategy="steps",
-            eval_strategy="no",
-            dataloader_drop_last=True,
-            deepspeed=self.deepspeed,
-            **training,
+        return build_training_arguments(
+            self.sections["training"], output_dir=self.output_dir, seed=self.seed, deepspeed=self.deepspeed
         )
 
 
@@ -333,10 +596,14 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
     source = options.get("config") or options.get("preset") or "tiny"
     run = load_preset(source)
     where = str(source)
+    if Path(source).suffix in (".yaml", ".yml"):
+        check_run_file(Path(source))
     for section, names in (("model", MODEL_FLAGS), ("data", DATA_FLAGS), ("training", TRAINING_FLAGS + WARMUP_FIELDS)):
         run[section].update({name: options[name] for name in names if options.get(name) is not None})
     for name, value in DATA_DEFAULTS.items():
         run["data"].setdefault(name, value)
+    normalize_numbers(run)
+    _check_data_flags(options)
     if source in PAPER_PRESETS and run["data"]["dataset"] == "builtin":
         logger.warning(
             "--preset %s has the paper's model and recipe, but trains on the built-in corpus (about 9 MB of text) "
@@ -350,6 +617,8 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
         check_model_section(run["model"], where)
     check_data_section(run["data"], where)
     check_training_section(run["training"], where)
+    deepspeed = options.get("deepspeed") or run["training"].get("deepspeed")
+    check_with_training_arguments(run["training"], where, deepspeed=deepspeed)
     if "block_size" not in run["data"]:
         raise ValueError(f"{where}: data.block_size is required (tokens per training sequence)")
     if run["training"].get("max_steps") is None:
@@ -388,6 +657,82 @@ def _resolve(options: dict[str, Any]) -> tuple[dict[str, dict], ReMoEConfig]:
             f"({config.max_position_embeddings}); use a block size of at most {config.max_position_embeddings}"
         )
     return run, config
+
+
+def _check_data_flags(options: dict[str, Any]) -> None:
+    """Tokenizer flags that would otherwise be ignored without a word: an empty `--tokenizer` (it would mean the
+    trained BPE) and `--vocab_size` where the tokenizer comes from `--tokenizer` or `--model_name_or_path`."""
+    if options.get("tokenizer") is not None and not str(options["tokenizer"]).strip():
+        raise ValueError(
+            "--tokenizer is empty: give a tokenizer folder or Hub name, or leave --tokenizer out to train a BPE "
+            "tokenizer on the corpus"
+        )
+    if options.get("vocab_size") is None:
+        return
+    for flag in ("model_name_or_path", "tokenizer"):
+        if options.get(flag):
+            raise ValueError(
+                f"--vocab_size {options['vocab_size']} sizes the BPE tokenizer trained on the corpus, and "
+                f"--{flag} brings its own tokenizer, so it would be ignored; drop --vocab_size (or --{flag})"
+            )
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r} at line {line}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that refuses a key given twice in one mapping (SafeLoader keeps the last one silently).
+    Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first_line = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if first_line != key_node.start_mark.line + 1:
+                    raise _DuplicateKeyError(key, key_node.start_mark.line + 1, first_line)
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_run_file(path: Path) -> None:
+    """What `load_preset` (PyYAML's SafeLoader) lets through in a run file: a key given twice at any level (the last
+    one would win silently), an empty file and an empty section (both would mean the defaults)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return  # `load_preset` reports it
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        content = loader.construct_document(node) if node is not None else None
+    except _DuplicateKeyError as error:
+        raise ValueError(
+            f"{path}: duplicate key {error.key!r} at line {error.line} (first at line {error.first_line}); YAML "
+            "would keep only the last one: merge them into one"
+        ) from error
+    except yaml.YAMLError:
+        return  # `load_preset` reports it
+    finally:
+        loader.dispose()
+    if content is None:
+        raise ValueError(f"{path}: the file is empty; write its model, data and training sections (or use --preset)")
+    if not isinstance(content, dict) or not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        if isinstance(value_node, yaml.ScalarNode) and value_node.tag == "tag:yaml.org,2002:null":
+            raise ValueError(
+                f"{path}: section {key_node.value!r} (line {key_node.start_mark.line + 1}) is empty; give its keys "
+                "or remove the line to use the defaults"
+            )
 
 
 def _check_router_specific_flags(options: dict[str, Any], router_type: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from remoe import ReMoEForCausalLM
 from remoe.checkpoints import load_model
@@ -22,6 +23,7 @@ from remoe.records import TrainingMetrics, parameter_counts
 from . import allocator
 from .controller import TopKWarmupCallback, add_controller_callback
 from .data import collate_blocks, prepare_data
+from .distributed import world_size_from_env
 from .plots import plot_training_curves
 from .routing import routing_sparsity
 from .run_config import RunConfig, claim_output_dir, has_accelerator, plan_run
@@ -54,6 +56,80 @@ def build_model(run: RunConfig, tokenizer) -> ReMoEForCausalLM:
     return model
 
 
+class NonFiniteLossCallback(TrainerCallback):
+    """Stops the run at the first NaN/inf training loss in the log, without saving that step's checkpoint.
+
+    remoe turns the Trainer's `logging_nan_inf_filter` off by default (`run_config.TRAINING_DEFAULTS`), so a
+    non-finite step reaches the logged interval mean instead of being replaced; `train` then raises."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.loss: float | None = None
+        self.last_finite_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last_finite_step = state.global_step  # a resumed run starts from its checkpoint's step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "train_loss"):
+            value = (logs or {}).get(key)
+            if self.step is not None or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value):
+                self.step, self.loss = state.global_step, value
+            elif key == "loss":
+                self.last_finite_step = state.global_step
+        if self.step is not None:
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+
+def check_training_loss(
+    callback: NonFiniteLossCallback, training_loss: float, global_step: int, learning_rate: float
+) -> None:
+    """A run whose training loss became NaN/inf is an error (its weights are not finite any more), not a success."""
+    if callback.step is None and math.isfinite(training_loss):
+        return
+    step = callback.step if callback.step is not None else global_step
+    loss = callback.loss if callback.loss is not None else training_loss
+    raise ValueError(
+        f"the training loss became {loss} by step {step} (finite up to the log at step {callback.last_finite_step}): "
+        f"the run diverged and its final model was not saved; lower training.learning_rate (now {learning_rate}), "
+        "or clip the gradients with training.max_grad_norm (e.g. 1.0), and start again with --overwrite "
+        f"(checkpoints after step {callback.last_finite_step} may hold non-finite weights)"
+    )
+
+
+def check_enough_blocks(run: RunConfig, blocks: int) -> None:
+    """One optimizer step takes per_device_train_batch_size x processes x gradient_accumulation_steps blocks; with
+    fewer training blocks (the last partial batch is dropped) the run would train 0 steps, or every step on a
+    smaller batch than asked, and still report success."""
+    training = run.sections["training"]
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingArguments)}
+    batch = training.get("per_device_train_batch_size", defaults["per_device_train_batch_size"])
+    accumulation = training.get("gradient_accumulation_steps", defaults["gradient_accumulation_steps"])
+    processes = world_size_from_env()
+    if batch * processes * accumulation <= blocks:
+        return
+    factors = [f"per_device_train_batch_size ({batch})"]
+    if processes > 1:
+        factors.append(f"{processes} processes")
+    if accumulation > 1:
+        factors.append(f"gradient_accumulation_steps ({accumulation})")
+    needed = f" = {batch * processes * accumulation} blocks per optimizer step" if len(factors) > 1 else ""
+    largest = blocks // (processes * accumulation)
+    advice = (
+        f"use per_device_train_batch_size {largest} at most"
+        if largest >= 1
+        else "lower gradient_accumulation_steps or the number of processes"
+    )
+    raise ValueError(
+        f"{' x '.join(factors)}{needed} exceeds the {blocks} training blocks of "
+        f"{run.data['block_size']} tokens: {advice}, or train on more data (or a smaller data.block_size)"
+    )
+
+
 def _eval_sets(validation, max_blocks: int) -> dict:
     """The validation blocks as a whole and per domain, each capped at `max_blocks` blocks."""
     sets = {"all": validation.shuffle(seed=0).select(range(min(max_blocks, len(validation))))}
@@ -80,11 +156,13 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
         streaming=run.streaming,
         num_proc=run.num_proc,
     )
+    if not run.streaming:  # a stream has no length to check
+        check_enough_blocks(run, len(data.train))
     model = build_model(run, data.tokenizer)
     config = model.config
+    args = run.training_arguments()
     claim_output_dir(run)
     counts = parameter_counts(model)  # before expert parallelism leaves each rank a share of the experts
-    args = run.training_arguments()
     trainer = build_trainer(
         model,
         args,
@@ -96,12 +174,15 @@ def train(options: dict[str, Any]) -> dict[str, Any]:
     controller = add_controller_callback(trainer)
     if run.topk_warmup is not None:
         trainer.add_callback(TopKWarmupCallback(*run.topk_warmup))
+    loss_check = NonFiniteLossCallback()
+    trainer.add_callback(loss_check)
 
     output_dir = run.output_dir
     start = time.perf_counter()
     with _explained_disk_full(output_dir):
         train_output = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
         train_seconds = time.perf_counter() - start
+        check_training_loss(loss_check, train_output.training_loss, train_output.global_step, args.learning_rate)
         trainer.save_model(str(output_dir))
 
     metrics = _final_metrics(trainer, model, data.validation, run.data)
