@@ -64,6 +64,17 @@ def resolve_token(token: str | None = None) -> str:
     return token
 
 
+def check_max_shard_size(max_shard_size: str | int) -> int:
+    """`--max_shard_size` in bytes (> 0), parsed as `remoe upcycle` / `convert` parse it ("5GB", "500MB", "2GiB",
+    a number of bytes)."""
+    from remoe.conversion import parse_size
+
+    try:
+        return parse_size(max_shard_size)
+    except ValueError as error:
+        raise PushError(str(error)) from error
+
+
 def check_model_dir(model_dir: str | Path) -> Path:
     """The checkpoint folder, checked like every remoe command checks one (`remoe.checkpoints.check_checkpoint`)."""
     try:
@@ -91,6 +102,7 @@ def prepare_repo_folder(
     analysis_dir = find_analysis_dir(model_dir, analysis_dir)
     if repo_id is not None:
         check_repo_id(repo_id)
+    shard_bytes = check_max_shard_size(max_shard_size)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PushError(f"output folder {str(out_dir)!r} exists and is not empty")
     from transformers import GenerationConfig
@@ -102,7 +114,7 @@ def prepare_repo_folder(
         raise PushError(f"model_dir: {error}") from error
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    model.save_pretrained(out_dir, max_shard_size=shard_bytes)
     tokenizer.save_pretrained(out_dir)
     _drop_loading_state(out_dir / "tokenizer_config.json")
     if not (out_dir / "generation_config.json").is_file():
@@ -191,10 +203,11 @@ def push(
 ) -> str:
     """Prepare the repository folder and upload it (`create_repo(exist_ok=True)` + `upload_folder`).
 
-    With `dry_run=OUT` the folder is written to OUT and nothing is sent. The repo id, the checkpoint folder and the
-    token are checked before any work. Returns the commit URL (or the folder path for a dry run).
+    With `dry_run=OUT` the folder is written to OUT and nothing is sent. The repo id, `max_shard_size`, the
+    checkpoint folder and the token are checked before any work. Returns the commit URL (or the folder path for a dry run).
     """
     check_repo_id(repo_id)
+    check_max_shard_size(max_shard_size)
     find_analysis_dir(check_model_dir(model_dir), analysis_dir)
     options = {"repo_id": repo_id, "license": license, "max_shard_size": max_shard_size, "analysis_dir": analysis_dir}
     if dry_run is not None:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
@@ -23,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from remoe import conversion
 from remoe.checkpoints import check_checkpoint, load_any_model, load_tokenizer
+from remoe.configuration_remoe import ReMoEConfig
 from remoe.modeling_remoe import expert_token_counts
 
 from .convert import CONTROLLER_OPTIONS, TOPK_ROUTING_OPTIONS, WRITER_OPTIONS, cli_options
-from .run_config import CONTINUATION_FLAGS, DATA_FLAGS, TRAINING_FLAGS, resolve_run
+from .run_config import CONTINUATION_FLAGS, DATA_FLAGS, TRAINING_FLAGS, check_output_dir, plan_run, resolve_run
 
 BRANCH_FILE = "btx_branch.json"
 JOB_FILE = "btx_job.json"
@@ -104,12 +107,6 @@ def branch(
     names = list(domains) if domains else [_dataset_name(path) for path in datasets]
     if len(set(names)) != len(names):
         raise ValueError(f"expert names must be unique, got {names}")
-    if domains and options.get("dataset", "builtin") == "builtin":
-        from .data import DOMAINS
-
-        unknown = sorted(set(domains) - set(DOMAINS))
-        if unknown:
-            raise ValueError(f"--domains {unknown} not in the embedded corpus; available: {list(DOMAINS)}")
     _validate_run_options(options)
 
     checkpoint = conversion.SafetensorsCheckpoint(seed_model)
@@ -117,15 +114,13 @@ def branch(
     if arch.moe_layout:
         raise ValueError(f"the seed {str(seed_model)!r} must be a dense checkpoint, got an MoE ({arch.model_type})")
     conversion.check_source_tensors(checkpoint, arch)
+    # The seed every job continues: a ReMoE seed as it is, another one as the dense ReMoE it is converted to below.
+    seed_config = conversion.dense_remoe_config(checkpoint, arch) if arch.model_type != "remoe" else None
     checkpoint.close()
     has_tokenizer = any((Path(seed_model) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     if not has_tokenizer and not options.get("tokenizer"):
         raise ValueError(f"the seed {str(seed_model)!r} has no tokenizer; pass --tokenizer (a tokenizer folder)")
-    seed_dir = Path(seed_model)
-    if arch.model_type != "remoe":
-        seed_dir = output_dir / "seed"
-        if not dry_run or not seed_dir.exists():
-            conversion.to_dense_remoe(seed_model, seed_dir, overwrite=True)
+    seed_dir = Path(seed_model) if seed_config is None else output_dir / "seed"
 
     jobs = []
     for index, name in enumerate(names):
@@ -135,6 +130,17 @@ def branch(
         else:
             job["dataset"] = str(datasets[index])
         jobs.append({"name": name, "domain": name if domains else None, "job": job, "command": _job_command(job)})
+    # Every job's inputs are checked before the seed is converted or any expert trains (also for a dry run).
+    if options.get("tokenizer"):
+        from .data import load_tokenizer_source
+
+        load_tokenizer_source(options["tokenizer"])
+    checked_datasets: dict[tuple[str, str], set[str] | None] = {}
+    for job in jobs:
+        _check_job(job, seed_config, from_datasets=bool(datasets), checked_datasets=checked_datasets)
+
+    if seed_config is not None and (not dry_run or not seed_dir.exists()):
+        conversion.to_dense_remoe(seed_model, seed_dir, overwrite=True)
 
     description = {"seed_model": str(seed_model), "seed_remoe": str(seed_dir), "experts": jobs}
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +163,105 @@ def branch(
         _write_job_file(job)
     (output_dir / BRANCH_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description
+
+
+def _check_job(
+    job: dict[str, Any],
+    seed_config: ReMoEConfig | None,
+    *,
+    from_datasets: bool,
+    checked_datasets: dict[tuple[str, str], set[str] | None],
+) -> None:
+    """The checks `remoe train` runs before any work, for one branch job, before the seed is converted.
+
+    A ReMoE seed is the job's checkpoint: `plan_run` checks the job as `remoe train` would. Another seed is converted
+    later into a dense ReMoE with `seed_config`: the job's sections, the continuation flags against that config, the
+    block size and the output folder are checked here. Then the job's dataset: a local file or folder (its files
+    read as `remoe train` reads them), a Hub dataset id, and its domains (`checked_datasets`: the datasets seen so
+    far, with their domains once read)."""
+    options = dict(job["job"])
+    expert_dir = Path(options["output_dir"])
+    where = f"expert {job['name']!r}"
+    existing = sorted(path.name for path in expert_dir.iterdir()) if expert_dir.is_dir() else []
+    if existing == [JOB_FILE]:
+        options["overwrite"] = True  # a dry run's job file: the folder is still the job's own (see `branch`)
+    elif existing:
+        shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise ValueError(
+            f"{where}: {str(expert_dir)!r} already holds files ({shown}); choose another --output_dir, or remove "
+            "that folder to train the expert again"
+        )
+    if seed_config is None:
+        try:
+            run = plan_run(options).sections
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
+    else:
+        run = resolve_run(
+            {key: value for key, value in options.items() if key not in (*CONTINUATION_FLAGS, "model_name_or_path")}
+        )
+        _check_continuation(options, run, seed_config, where)
+        check_output_dir(expert_dir, run, resume=None, overwrite=bool(options.get("overwrite")))
+    _check_dataset(run["data"], "--datasets" if from_datasets else "--dataset", where, checked_datasets)
+
+
+def _check_continuation(options: dict[str, Any], run: dict[str, dict], seed_config: ReMoEConfig, where: str) -> None:
+    """The continuation flags (`--l1_coef_init`, ...) and the block size against the seed's ReMoE config, as
+    `remoe train --model_name_or_path` checks them."""
+    config = copy.deepcopy(seed_config)
+    overrides = {name: run["model"][name] for name in CONTINUATION_FLAGS if name in run["model"]}
+    overrides.update({name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None})
+    try:
+        for name, value in overrides.items():
+            setattr(config, name, value)
+        config._check_values()
+    except (TypeError, ValueError, StrictDataclassFieldValidationError) as error:
+        raise ValueError(f"{where}: {' '.join(str(error).split())}") from error
+    block_size = run["data"]["block_size"]
+    if block_size > config.max_position_embeddings:
+        raise ValueError(
+            f"{where}: data.block_size ({block_size}) exceeds the seed's max_position_embeddings "
+            f"({config.max_position_embeddings}); use a block size of at most {config.max_position_embeddings}"
+        )
+
+
+def _check_dataset(
+    data: dict[str, Any], flag: str, where: str, checked_datasets: dict[tuple[str, str], set[str] | None]
+) -> None:
+    """A job's dataset must be readable (or a Hub dataset id) and hold its domains, before any job starts."""
+    from .data import _EXTENSIONS, DOMAINS, HUB_ID, _local_data_files, check_text_file, load_text_dataset
+
+    dataset, text_column = data["dataset"], data.get("text_column", "text")
+    key = (dataset, text_column)
+    if key not in checked_datasets:
+        path = Path(dataset).expanduser()
+        if dataset == "builtin":
+            checked_datasets[key] = set(DOMAINS)
+        elif path.exists():
+            try:
+                builder, data_files = _local_data_files(path)
+                for files in data_files.values():
+                    for file in files:
+                        check_text_file(Path(file), builder, text_column)
+            except ValueError as error:
+                raise ValueError(f"{flag} ({where}): {error}") from error
+            checked_datasets[key] = None
+        elif HUB_ID.match(dataset) and path.suffix.lower() not in _EXTENSIONS:
+            checked_datasets[key] = None  # a Hub dataset id: read by the job (it may need the network)
+        else:
+            raise ValueError(
+                f"{flag} {dataset!r} ({where}): no such file or directory, and not a Hugging Face Hub dataset id"
+            )
+    domains = data.get("domains")
+    if not domains:
+        return
+    if checked_datasets[key] is None:  # the domains of a local or Hub dataset: read once, as the job will
+        corpus = load_text_dataset(dataset, text_column=text_column, seed=42)
+        checked_datasets[key] = set(corpus["train"]["domain"])
+    unknown = sorted(set(domains) - checked_datasets[key])
+    if unknown:
+        source = "the embedded corpus" if dataset == "builtin" else f"dataset {dataset!r}"
+        raise ValueError(f"--domains {unknown} not in {source}; available: {sorted(checked_datasets[key])}")
 
 
 def _write_job_file(job: dict[str, Any]) -> None:
@@ -241,28 +346,50 @@ def mix(
 ) -> Path:
     """`btx_mix` with the conveniences of the command line: a branch folder stands for its experts (and its seed), and
     `router_init="centroid"` takes the texts from `router_texts` files, from `domains` of `dataset`, or from the
-    domain / dataset each expert was trained on (its `btx_job.json`)."""
+    domain / dataset each expert was trained on (its `btx_job.json`). The texts are read once every check of
+    `btx_mix` has passed; `router_texts`, `domains` and `dataset` are refused without the centroid init."""
     sources, description = _branch_sources(sources)
     jobs = [_source_job(source) for source in sources]
     if description is not None and seed_model is None:
         seed_model = description["seed_remoe"]
-    if expert_names is None and all(job is not None for job in jobs):
-        expert_names = [job["name"] for job in jobs]
+    job_names = [job["name"] for job in jobs] if all(job is not None for job in jobs) else None
+    if expert_names is None and job_names is not None and len(set(job_names)) == len(job_names):
+        expert_names = job_names
+    if router_init != "centroid":
+        given = [flag for flag, value in (("--router_texts", router_texts), ("--domains", domains)) if value]
+        given += ["--dataset"] if dataset is not None else []
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} choose the texts of the centroid router init: add --router_init centroid "
+                f"(router_init {router_init!r} does not use them)"
+            )
     texts = None
     if router_init == "centroid":
         if router_texts:
             if len(router_texts) != len(sources):
                 raise ValueError(f"--router_texts needs one file per source ({len(sources)}), got {len(router_texts)}")
-            texts = [read_texts(path) for path in router_texts]
+            for path in router_texts:
+                if not Path(path).is_file():
+                    raise ValueError(f"--router_texts: router text file {str(path)!r} does not exist")
+
+            def texts() -> list[list[str]]:
+                return [read_texts(path) for path in router_texts]
+
         elif domains:
             if len(domains) != len(sources):
                 raise ValueError(f"--domains needs one domain per source ({len(sources)}), got {len(domains)}")
-            texts = [domain_texts(dataset or "builtin", domain) for domain in domains]
+
+            def texts() -> list[list[str]]:
+                return [domain_texts(dataset or "builtin", domain) for domain in domains]
+
         elif all(job is not None for job in jobs):
-            texts = [
-                domain_texts(job["job"].get("dataset", "builtin"), job["domain"], seed=job["job"].get("seed", 42))
-                for job in jobs
-            ]
+
+            def texts() -> list[list[str]]:
+                return [
+                    domain_texts(job["job"].get("dataset", "builtin"), job["domain"], seed=job["job"].get("seed", 42))
+                    for job in jobs
+                ]
+
         else:
             raise ValueError(
                 "router_init='centroid' needs --router_texts (one file per source), --domains (one per source) or "

@@ -26,12 +26,13 @@ from typing import Any
 import datasets
 import torch
 
-from remoe.checkpoints import check_checkpoint, resolve_device
+from remoe.checkpoints import check_checkpoint
 from remoe.configuration_remoe import ReMoEConfig
 from remoe.modeling_remoe import expert_token_counts, layer_sparsity
 from remoe.records import EvalResults
 
 from .data import DOMAINS, build_embedded_corpus, default_cache_dir
+from .generate import check_inference_device
 from .run_config import check_writable_folder
 
 LOCAL_TASKS: dict[str, str] = {"remoe_arith": "math", "remoe_ppl_code": "code", "remoe_ppl_docs": "docs"}
@@ -261,6 +262,45 @@ def _finite_or_none(value):
     return value
 
 
+def _check_include_paths(include_path: list[str] | tuple[str, ...]) -> list[str]:
+    """Every `--include_path` must be a task folder or YAML file (lm-eval skips a missing one without a word)."""
+    for path in include_path:
+        if not Path(path).exists():
+            raise ValueError(f"--include_path {str(path)!r}: no such folder or file (an lm-eval task folder or YAML)")
+    return [str(path) for path in include_path]
+
+
+def _check_local_fewshot(names: list[str], num_fewshot: int | None) -> None:
+    """The local tasks draw their few-shot examples from their own documents (they have no other split), never the
+    evaluated one: `--num_fewshot` must leave one."""
+    if not num_fewshot:
+        return
+    tasks = sorted({task for name in names for task in LOCAL_TAGS.get(name, (name,)) if task in LOCAL_TASKS})
+    if not tasks:
+        return
+    counts = {task: len(evaluated_texts(task)) for task in tasks}
+    task = min(counts, key=counts.get)
+    if num_fewshot >= counts[task]:
+        raise ValueError(
+            f"--num_fewshot {num_fewshot}: task {task} draws its few-shot examples from its other "
+            f"{counts[task] - 1} documents; use --num_fewshot {counts[task] - 1} or less"
+        )
+
+
+def _simple_evaluate(lm_eval, num_fewshot: int | None, **kwargs: Any) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate`, with the failure of a few-shot count larger than a task's documents naming
+    `--num_fewshot` (lm-eval only says "Sample larger than population")."""
+    try:
+        return lm_eval.simple_evaluate(num_fewshot=num_fewshot, **kwargs)
+    except ValueError as error:
+        if num_fewshot and "larger than population" in str(error):
+            raise ValueError(
+                f"--num_fewshot {num_fewshot}: a task has fewer documents to draw that many few-shot examples from "
+                f"({error}); use a smaller --num_fewshot"
+            ) from error
+        raise
+
+
 def _check_eval_args(
     model_dir: Path, limit: int | None, batch_size: int, num_fewshot: int | None, max_length: int | None
 ) -> ReMoEConfig:
@@ -284,11 +324,12 @@ def _check_eval_args(
 
 
 def _results_path(model_dir: Path, output_path: str | Path | None) -> Path:
-    """Where the results JSON goes (a folder gets `eval_results.json`), checked writable before any evaluation."""
+    """Where the results JSON goes (a folder gets `eval_results.json`), checked writable before any evaluation
+    (its folder is created when the results are written)."""
     path = Path(output_path) if output_path else model_dir / RESULTS_FILENAME
     if path.is_dir():
         path = path / RESULTS_FILENAME
-    check_writable_folder(path.parent, "--output_path")
+    check_writable_folder(path.parent, "--output_path", create=False)
     return path
 
 
@@ -320,6 +361,8 @@ def evaluate_checkpoint(
     if not names:
         raise ValueError("tasks: give at least one task name, e.g. --tasks remoe")
     config = _check_eval_args(model_dir, limit, batch_size, num_fewshot, max_length)
+    include_path = _check_include_paths(include_path)
+    device = check_inference_device(device)
     if config.router_type == "lory" and batch_size > 1:
         # Lory's segments (the first one routed by its own mean) leave padding out only where the model is given the
         # attention mask, and lm-eval's HFLM calls a causal model without one: batches of one pad nothing.
@@ -333,8 +376,8 @@ def evaluate_checkpoint(
         raise ValueError(f"remoe eval needs lm-eval: pip install 'remoe[eval]' ({error})") from error
     import remoe  # registers model_type "remoe" with the Auto classes
 
-    manager = _task_manager(names, list(include_path))
-    device = resolve_device(device)
+    manager = _task_manager(names, include_path)
+    _check_local_fewshot(names, num_fewshot)
     model_kwargs: dict[str, Any] = {}
     if experts_implementation is not None:
         model_kwargs["experts_implementation"] = experts_implementation
@@ -348,12 +391,13 @@ def evaluate_checkpoint(
         trust_remote_code=trust_remote_code,
         **model_kwargs,
     )
-    raw = lm_eval.simple_evaluate(
+    raw = _simple_evaluate(
+        lm_eval,
+        num_fewshot,
         model=lm,
         tasks=names,
         task_manager=manager,
         limit=limit,
-        num_fewshot=num_fewshot,
         log_samples=False,
         random_seed=seed,
         numpy_random_seed=seed,
@@ -386,6 +430,7 @@ def evaluate_checkpoint(
         results.update(_domain_results(lm, evaluated, limit, batch_size))
     results = _finite_or_none(results)
 
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     EvalResults.from_dict(results, strict=True).write(results_path)
     if verbose:
         print(format_results(results, raw))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 from transformers import TextStreamer, set_seed
@@ -13,6 +14,7 @@ from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, reso
 from remoe.modeling_remoe import active_experts
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MAX_NEW_TOKENS = 64
 # What `--show_routing`'s counts mean where they are not the experts a router picked for the token.
 ROUTING_NOTES = {
     "lory": "lory merges all experts softly per segment: each count is the dominant expert (1)",
@@ -23,7 +25,7 @@ ROUTING_NOTES = {
 
 def _validate(
     prompts: list[str],
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     do_sample: bool,
     temperature: float,
     top_p: float,
@@ -33,11 +35,13 @@ def _validate(
 ) -> None:
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("--prompt: every prompt must be non-empty text")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < top_p <= 1:
+    if max_new_tokens is not None and (
+        isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens (--max_new_tokens) must be an integer >= 1, got {max_new_tokens!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature (--temperature) must be a finite number > 0, got {temperature}")
+    if not 0 < top_p <= 1:  # also refuses nan
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -47,6 +51,37 @@ def _validate(
         raise ValueError("--system is the system message of a chat: add --chat")
     if system is not None and not system:
         raise ValueError("--system: the system message must be non-empty text")
+
+
+def check_inference_device(device: str | None) -> str:
+    """`--device` resolved (`resolve_device`: default cuda when there is a GPU, else cpu), and one a model can run
+    on: cpu, cuda[:N], or mps where Apple's backend is available."""
+    resolved = resolve_device(device)
+    kind = torch.device(resolved).type
+    allowed = ["cpu", "cuda", *(["mps"] if torch.backends.mps.is_available() else [])]
+    if kind not in allowed:
+        raise ValueError(f"--device {device!r}: must be one of {allowed} (or cuda:N), got the device type {kind!r}")
+    return resolved
+
+
+def _new_tokens(max_new_tokens: int | None, prompt_length: int, max_positions: int, model_dir: str) -> int:
+    """The tokens to generate after a prompt of `prompt_length` tokens: `max_new_tokens`, by default 64 or what
+    `max_positions` leaves; `ValueError` naming `--max_new_tokens` (or `--prompt`) when they exceed the context."""
+    room = max_positions - prompt_length
+    if room < 1:
+        raise ValueError(
+            f"--prompt: the prompt is {prompt_length} tokens long, and {model_dir} has max_position_embeddings "
+            f"{max_positions}: no room for a new token; shorten the prompt"
+        )
+    if max_new_tokens is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, room)
+    if max_new_tokens > room:
+        raise ValueError(
+            f"--max_new_tokens {max_new_tokens}: the prompt ({prompt_length} token{'s' if prompt_length != 1 else ''}) "
+            f"and the new tokens exceed the model's max_position_embeddings ({max_positions}); use --max_new_tokens "
+            f"{room} or less"
+        )
+    return max_new_tokens
 
 
 def _check_chat_template(tokenizer, model_dir: str) -> None:
@@ -85,7 +120,7 @@ def experts_per_new_token(model, sequence: torch.Tensor, prompt_length: int) -> 
 def generate(
     model_dir: str,
     prompts: list[str],
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -100,9 +135,12 @@ def generate(
 ) -> list[dict]:
     """Complete each prompt; with `chat`, answer it as a user turn of the tokenizer's chat template (after `system`);
     with `stream`, print each prompt and its completion to stdout as the tokens are generated; with
-    `show_routing`, also report the experts every generated token used per layer."""
+    `show_routing`, also report the experts every generated token used per layer.
+
+    `max_new_tokens` (default: 64, or fewer where the model's `max_position_embeddings` leaves less room after the
+    prompt) must fit in `max_position_embeddings` with every prompt; all prompts are checked before the model loads."""
     _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype, chat, system)
-    device = resolve_device(device)
+    device = check_inference_device(device)
     config = check_checkpoint(model_dir)
     if show_routing and not config.has_experts:
         raise ValueError(
@@ -111,6 +149,14 @@ def generate(
     tokenizer = load_tokenizer(model_dir)
     if chat:
         _check_chat_template(tokenizer, model_dir)
+    encoded = [
+        _chat_inputs(tokenizer, prompt, system) if chat else tokenizer(prompt, return_tensors="pt")
+        for prompt in prompts
+    ]
+    new_tokens = [
+        _new_tokens(max_new_tokens, inputs["input_ids"].shape[1], config.max_position_embeddings, model_dir)
+        for inputs in encoded
+    ]
     load_options = {"dtype": dtype}
     if experts_implementation is not None:
         load_options["experts_implementation"] = experts_implementation
@@ -118,8 +164,7 @@ def generate(
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     set_seed(seed)
     results = []
-    for prompt in prompts:
-        inputs = _chat_inputs(tokenizer, prompt, system) if chat else tokenizer(prompt, return_tensors="pt")
+    for prompt, inputs, prompt_new_tokens in zip(prompts, encoded, new_tokens, strict=True):
         inputs = inputs.to(device)
         prompt_length = inputs["input_ids"].shape[1]
         streamer = None
@@ -128,7 +173,7 @@ def generate(
             streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         output = model.generate(
             **inputs,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=prompt_new_tokens,
             do_sample=do_sample,
             temperature=temperature if do_sample else None,
             top_p=top_p if do_sample else None,

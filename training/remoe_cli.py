@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 
@@ -47,24 +48,37 @@ positive_int = _integer_at_least(1)
 non_negative_int = _integer_at_least(0)
 
 
-def _positive_float(text: str) -> float:
+def _finite_number(text: str, minimum: float | None = None, *, strict: bool = False) -> float:
+    """`text` as a finite float (no inf / nan), `> minimum` with `strict`, else `>= minimum` (None: any)."""
+    bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
+    too_small = minimum is not None and (value <= minimum if strict else value < minimum)
+    if not math.isfinite(value) or too_small:
+        raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {value}")
     return value
+
+
+def _finite_float(text: str) -> float:
+    return _finite_number(text)
+
+
+def _non_negative_float(text: str) -> float:
+    return _finite_number(text, 0.0)
+
+
+def _positive_float(text: str) -> float:
+    return _finite_number(text, 0.0, strict=True)
 
 
 def _finite_positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return value
+    return _finite_number(text, 0.0, strict=True)
+
+
+def _float_above_one(text: str) -> float:
+    return _finite_number(text, 1.0, strict=True)
 
 
 # The knobs of the ReMoE paper's other baselines: config field -> the router type it applies to (the same table as
@@ -111,10 +125,12 @@ def _add_run_source(parser) -> None:
 
 
 def _add_controller_flags(group) -> None:
-    group.add_argument("--l1_coef_init", type=float, help="lambda_0 of the L1 controller (ReLU)")
-    group.add_argument("--l1_coef_multiplier", type=float, help="alpha of the L1 controller (ReLU, > 1)")
+    group.add_argument("--l1_coef_init", type=_non_negative_float, help="lambda_0 of the L1 controller (ReLU)")
+    group.add_argument("--l1_coef_multiplier", type=_float_above_one, help="alpha of the L1 controller (ReLU, > 1)")
     group.add_argument("--load_balance", choices=LOAD_BALANCE_TYPES)
-    group.add_argument("--router_aux_loss_coef", type=float, help="weight of the Switch balancing loss (TopK)")
+    group.add_argument(
+        "--router_aux_loss_coef", type=_non_negative_float, help="weight of the Switch balancing loss (TopK)"
+    )
 
 
 def _add_training_flags(group) -> None:
@@ -260,7 +276,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--limit", type=positive_int, help="evaluate only the first N documents of each task")
     parser.add_argument("--num_fewshot", type=non_negative_int)
     parser.add_argument("--batch_size", type=positive_int, default=8)
-    parser.add_argument("--device", help="cpu, cuda, cuda:0, ... (default: cuda when available)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--max_length", type=positive_int, help="context length (default: max_position_embeddings)")
     parser.add_argument("--experts_implementation", help="eager, batched_mm, grouped_mm, triton, ...")
@@ -276,12 +292,19 @@ def add_generate_parser(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="complete prompts with a checkpoint (model.generate)")
     parser.add_argument("model_dir")
     parser.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument(
+        "--max_new_tokens",
+        type=positive_int,
+        help="tokens to generate (default 64, or what the model's max_position_embeddings leaves after the prompt); "
+        "the prompt and these tokens must fit max_position_embeddings",
+    )
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (needs --do_sample)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (needs --do_sample)")
+    parser.add_argument(
+        "--temperature", type=_finite_float, default=1.0, help="sampling temperature (needs --do_sample)"
+    )
+    parser.add_argument("--top_p", type=_finite_float, default=1.0, help="nucleus sampling (needs --do_sample)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto")
     parser.add_argument("--experts_implementation", help="eager, batched_mm, grouped_mm, triton, ...")
     parser.add_argument(
@@ -408,7 +431,11 @@ def add_btx_parser(subparsers) -> None:
         help="BTX's blending-experts ablation: expert j is chunk j of every source's FFN (no domain experts)",
     )
     mix.add_argument("--expert_names", nargs="+", help="one name per source (default: folder names)")
-    mix.add_argument("--router_std", type=float, help="std of the random router (default: initializer_range)")
+    mix.add_argument(
+        "--router_std",
+        type=_positive_float,
+        help="random init: std of the router (default: initializer_range)",
+    )
     mix.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the router")
     _add_writer_flags(mix)
     _add_controller_flags(mix)
@@ -469,8 +496,12 @@ def add_upcycle_parser(subparsers) -> None:
     parser.add_argument("--router_type", choices=MIX_ROUTER_TYPES, default="relu")
     parser.add_argument("--num_experts_per_tok", type=positive_int, default=1, help="k")
     _add_topk_routing_flags(parser, "on", "off")
-    parser.add_argument("--noise", type=float, default=0.0, help="relative std of the noise added to each copy")
-    parser.add_argument("--router_std", type=float)
+    parser.add_argument(
+        "--noise", type=_non_negative_float, default=0.0, help="relative std of the noise added to each copy"
+    )
+    parser.add_argument(
+        "--router_std", type=_positive_float, help="std of the random router (default: initializer_range)"
+    )
     parser.add_argument("--seed", type=non_negative_int, default=0)
     _add_writer_flags(parser)
     _add_controller_flags(parser)

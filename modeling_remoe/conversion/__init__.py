@@ -39,7 +39,7 @@ from .btx import SHARED_MODES, MixOptions, btx_mix
 from .convert import convert, convert_moe
 from .layer_plan import CONTROLLER_FIELDS, MIX_ROUTER_TYPES
 from .routers import ROUTER_INITS, centroid_router, hidden_state_centroids
-from .upcycle import UPCYCLE_MODES, to_dense_remoe, upcycle
+from .upcycle import UPCYCLE_MODES, dense_remoe_config, to_dense_remoe, upcycle
 from .writer import CONVERSION_INFO_FILE, TOKENIZER_FILES, OutputOptions, parse_size
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "check_source_tensors",
     "convert",
     "convert_moe",
+    "dense_remoe_config",
     "expected_source_shapes",
     "hidden_state_centroids",
     "parse_size",

@@ -31,6 +31,7 @@ from .layer_plan import (
     ExpertTensors,
     check_choice,
     check_positive_int,
+    check_router_std,
     controller_fields,
     conversion_plan,
     fused_gate_up,
@@ -39,7 +40,7 @@ from .layer_plan import (
     topk_routing_fields,
 )
 from .routers import ROUTER_INITS, centroid_routers, random_router
-from .writer import OutputOptions
+from .writer import OutputOptions, meta_model
 
 SHARED_MODES = ("average", "base")
 
@@ -60,8 +61,9 @@ class MixOptions:
         shared: `"average"`: attention, norms, embeddings and LM head are the mean of the expert sources;
             `"base"`: copied from `seed_model` (or the first source).
         router_init: `"random"` (normal, std `router_std`, default the source's `initializer_range`) or `"centroid"`:
-            from the mean hidden state of each domain's `router_texts` (one list of texts per source), see
-            `centroid_router`; at most `router_max_tokens` tokens of each list are used.
+            from the mean hidden state of each domain's `router_texts` (one list of texts per source, or a function
+            returning them, called once every check has passed), see `centroid_router`; at most `router_max_tokens`
+            tokens of each list are used.
         split: cut every FFN into `split` experts of width `ffn/split` (the granularity of the result).
         blend: the "blending experts" ablation: with N expert sources, each FFN is cut into N chunks of width `ffn/N`
             and expert j concatenates chunk j of every source (then `split` applies to these experts). All experts
@@ -78,7 +80,7 @@ class MixOptions:
     router_sampling: bool | None = None
     shared: str = "average"
     router_init: str = "random"
-    router_texts: Sequence[Sequence[str]] | None = None
+    router_texts: Sequence[Sequence[str]] | Callable[[], Sequence[Sequence[str]]] | None = None
     router_max_tokens: int = 4096
     split: int = 1
     blend: bool = False
@@ -108,14 +110,32 @@ class MixOptions:
         topk_routing_fields(self.router_type, self.router_renormalize, self.router_sampling)
         check_choice("shared", self.shared, SHARED_MODES)
         check_choice("router_init", self.router_init, ROUTER_INITS)
-        texts = self.router_texts
-        if self.router_init == "centroid" and (texts is None or len(texts) != num_sources):
+        if self.router_init == "centroid":
+            if not callable(self.router_texts):
+                _check_router_texts(self.router_texts, num_sources)
+            if self.router_std is not None:
+                raise ValueError(
+                    "router_std (--router_std) is the std of the random router; router_init='centroid' computes the "
+                    "router from the texts: leave router_std out"
+                )
+        elif self.router_texts is not None:
             raise ValueError(
-                f"router_init='centroid' needs router_texts: one list of texts per source ({num_sources}), "
-                f"got {0 if texts is None else len(texts)}"
+                "router_texts (--router_texts) initialise the router with router_init='centroid' (--router_init "
+                f"centroid); router_init={self.router_init!r} does not use them"
             )
-        if self.expert_names is not None and len(self.expert_names) != num_sources:
-            raise ValueError(f"expert_names needs one name per source ({num_sources}), got {len(self.expert_names)}")
+        check_router_std(self.router_std)
+        if self.expert_names is not None:
+            names = list(self.expert_names)
+            if len(names) != num_sources:
+                raise ValueError(
+                    f"expert_names (--expert_names) needs one name per source ({num_sources}), got {len(names)}"
+                )
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            if duplicates or not all(isinstance(name, str) and name for name in names):
+                raise ValueError(
+                    f"expert_names (--expert_names) must be unique non-empty names, got {names}"
+                    + (f" ({duplicates} repeated)" if duplicates else "")
+                )
         check_positive_int("split", self.split)
         if not isinstance(self.blend, bool):
             raise ValueError(f"blend (--blend) must be True or False, got {self.blend!r}")
@@ -125,6 +145,15 @@ class MixOptions:
                 "per expert) does not apply; use router_init='random'"
             )
         return dataclasses.replace(self, controller=controller_fields(self.controller))
+
+
+def _check_router_texts(texts: Any, num_sources: int) -> None:
+    """router_init='centroid' needs one list of texts per source."""
+    if texts is None or len(texts) != num_sources:
+        raise ValueError(
+            f"router_init='centroid' needs router_texts: one list of texts per source ({num_sources}), "
+            f"got {0 if texts is None else len(texts)}"
+        )
 
 
 def _unique_names(names: Sequence[str]) -> list[str]:
@@ -167,11 +196,13 @@ def _checked_architecture(
     return archs[0]
 
 
-def _router(mix: MixOptions, config: ReMoEConfig, reference: Path) -> Callable[[int], torch.Tensor]:
+def _router(mix: MixOptions, config: ReMoEConfig, reference: Path, num_sources: int) -> Callable[[int], torch.Tensor]:
     """A layer's router rows: centroid rows (computed here, from the model at `reference`) or random ones."""
     if mix.router_init == "centroid":
+        texts = mix.router_texts() if callable(mix.router_texts) else mix.router_texts
+        _check_router_texts(texts, num_sources)
         rows = centroid_routers(
-            reference, mix.router_texts, generalist=mix.seed_as_expert, max_tokens=mix.router_max_tokens
+            reference, texts, generalist=mix.seed_as_expert, max_tokens=mix.router_max_tokens
         )  # (L, experts, H)
         return lambda layer: rows[layer].repeat_interleave(mix.split, dim=0)
     std = mix.router_std if mix.router_std is not None else config.initializer_range
@@ -251,9 +282,11 @@ def btx_mix(
             **topk_routing_fields(mix.router_type, mix.router_renormalize, mix.router_sampling),
             **mix.controller,
         )
-        output.dtype_for(checkpoints[0])  # a bad dtype fails before the centroid init runs a model
+        # A bad dtype, or a result too large for this machine, fails before the centroid init runs a model.
+        size_flags = f"{len(expert_sources)} experts" + (f", split (--split) {mix.split}" if mix.split > 1 else "")
+        output.check_size(meta_model(config), output.dtype_for(checkpoints[0]), "btx mix", size_flags)
         shared_sources = expert_sources if mix.shared == "average" else [seed_checkpoint or checkpoints[0]]
-        router = _router(mix, config, seed_path or source_paths[0])
+        router = _router(mix, config, seed_path or source_paths[0], len(source_paths))
         plan = conversion_plan(
             arch, config, shared_sources, _experts(expert_sources, config.expert_intermediate_size, router, mix.blend)
         )
@@ -274,4 +307,4 @@ def btx_mix(
             "split": split,
             "blend": mix.blend,
         }
-        return output.write(plan, config, checkpoints, info, "btx mix")
+        return output.write(plan, config, checkpoints, info, "btx mix", size_flags)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -36,6 +37,16 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
 def check_positive_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_router_std(router_std: Any) -> None:
+    """`router_std` (`--router_std`): None (the source's `initializer_range`) or a finite number > 0. A zero router
+    switches every expert off under ReLU routing (and gives the router no gradient); a NaN one gives NaN gates."""
+    if router_std is None:
+        return
+    number = isinstance(router_std, (int, float)) and not isinstance(router_std, bool)
+    if not number or not math.isfinite(router_std) or router_std <= 0:
+        raise ValueError(f"router_std (--router_std) must be a finite number > 0, got {router_std!r}")
 
 
 def controller_fields(options: dict[str, Any]) -> dict[str, Any]:

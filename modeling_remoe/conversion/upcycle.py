@@ -11,12 +11,14 @@ from typing import Any
 import torch
 
 from ..checkpoints import SafetensorsCheckpoint
+from ..configuration_remoe import ReMoEConfig
 from .architecture import Architecture, check_dense, check_source_tensors, open_checkpoints, read_architecture
 from .layer_plan import (
     MIX_ROUTER_TYPES,
     ExpertTensors,
     check_choice,
     check_positive_int,
+    check_router_std,
     controller_fields,
     conversion_plan,
     fused_gate_up,
@@ -87,7 +89,8 @@ def upcycle(
     check_positive_int("num_experts", num_experts)
     check_positive_int("granularity", granularity)
     if not math.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        raise ValueError(f"noise (--noise) must be a finite number >= 0, got {noise!r}")
+    check_router_std(router_std)
     controller = controller_fields(controller)
     output.check([source_path])
 
@@ -124,7 +127,24 @@ def upcycle(
         )
         plan = conversion_plan(arch, config, [checkpoint], experts)
         info = {"method": "upcycle", "source": str(source_path), "mode": mode, "noise": noise, "seed": seed}
-        return output.write(plan, config, [checkpoint], info, "upcycle")
+        size_flags = f"num_experts (--num_experts) {num_experts}"
+        if granularity > 1:
+            size_flags += f", granularity (--granularity) {granularity}"
+        return output.write(plan, config, [checkpoint], info, "upcycle", size_flags)
+
+
+def dense_remoe_config(checkpoint: SafetensorsCheckpoint, arch: Architecture | None = None) -> ReMoEConfig:
+    """The config of the dense ReMoE checkpoint that `to_dense_remoe` writes for the dense source `checkpoint`
+    (`arch`: its architecture, read when not given). Nothing is written."""
+    arch = arch if arch is not None else read_architecture(checkpoint)
+    return remoe_config(
+        arch,
+        checkpoint.config_dict,
+        intermediate_size=arch.ffn_size,
+        num_experts=1,
+        num_experts_per_tok=1,
+        router_type="dense",
+    )
 
 
 def to_dense_remoe(
@@ -143,14 +163,7 @@ def to_dense_remoe(
     output.check([source_path])
     with open_checkpoints([source_path]) as (checkpoint,):
         arch = _dense_architecture(checkpoint, "to_dense_remoe source")
-        config = remoe_config(
-            arch,
-            checkpoint.config_dict,
-            intermediate_size=arch.ffn_size,
-            num_experts=1,
-            num_experts_per_tok=1,
-            router_type="dense",
-        )
+        config = dense_remoe_config(checkpoint, arch)
         plan = conversion_plan(arch, config, [checkpoint])
         info = {"method": "to_dense_remoe", "source": str(source_path), "source_model_type": arch.model_type}
         return output.write(plan, config, [checkpoint], info, "to dense ReMoE")

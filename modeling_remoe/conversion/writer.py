@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
@@ -43,6 +44,8 @@ TOKENIZER_FILES = (
 )
 CONVERSION_INFO_FILE = "remoe_conversion.json"
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+# Copies of the largest output tensor that exist at once while it is computed (`OutputOptions.check_size`).
+_COPIES_PER_TENSOR = 2
 
 
 @dataclasses.dataclass
@@ -56,14 +59,23 @@ class PlannedTensor:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as `"5GB"`, `"500MB"`, `"2GiB"`."""
+    """Bytes (> 0) from an int or a string such as `"5GB"`, `"500MB"`, `"2GiB"`; `ValueError` naming
+    `max_shard_size` otherwise."""
+    message = f"max_shard_size (--max_shard_size) must be a number of bytes > 0 or like '5GB', got {size!r}"
+    if isinstance(size, bool):
+        raise ValueError(message)
     if isinstance(size, int):
+        if size < 1:
+            raise ValueError(message)
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*", str(size).upper())
     if not match:
-        raise ValueError(f"max_shard_size must be a number of bytes or like '5GB', got {size!r}")
+        raise ValueError(message)
     base = 1024 if match.group(3) == "IB" else 1000
-    return int(float(match.group(1)) * base ** " KMGT".index(match.group(2) or " "))
+    parsed = int(float(match.group(1)) * base ** " KMGT".index(match.group(2) or " "))
+    if parsed < 1:
+        raise ValueError(message)
+    return parsed
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
@@ -146,9 +158,16 @@ class _StreamingSafetensorsWriter:
             (self.folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
 
 
-def _meta_model(config: ReMoEConfig) -> ReMoEForCausalLM:
+def meta_model(config: ReMoEConfig) -> ReMoEForCausalLM:
+    """The model `config` describes on the meta device (shapes only: nothing is allocated)."""
     with torch.device("meta"):
         return ReMoEForCausalLM(config)
+
+
+def _nearest_existing_folder(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _check_plan(plan: list[PlannedTensor], model: ReMoEForCausalLM) -> None:
@@ -194,6 +213,39 @@ class OutputOptions:
             raise ValueError(
                 f"output_dir {str(output_dir)!r} exists and is not empty (pass overwrite=True / --overwrite)"
             )
+        parse_size(self.max_shard_size)
+
+    def check_size(self, model: ReMoEForCausalLM, dtype: torch.dtype, description: str, size_flags: str = "") -> None:
+        """Refuse, before any tensor is computed, a result that this machine cannot build or store.
+
+        The tensors are computed one at a time, and each briefly exists at least twice (e.g. the expert pieces before
+        `torch.stack`, the random router before scaling, the bytes written): the largest one, twice in `dtype` (a lower
+        bound: upcycling computes in float32), must fit the available memory. The whole result must fit the free space
+        where `output_dir` goes. `model` is the result on the meta device; `size_flags` names the options that set its
+        size (e.g. "num_experts (--num_experts) 8").
+        """
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            shapes.pop("lm_head.weight", None)
+        count = sum(math.prod(shape) for shape in shapes.values())
+        element_size = torch.empty((), dtype=dtype).element_size()
+        total_bytes = count * element_size
+        largest = max(shapes, key=lambda name: math.prod(shapes[name]))
+        needed = _COPIES_PER_TENSOR * math.prod(shapes[largest]) * element_size
+        summary = (
+            f"{size_flags + ': ' if size_flags else ''}the converted model ({description}) would have {count / 1e9:,.2f}B "
+            f"parameters ({total_bytes / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')})"
+        )
+        available = psutil.virtual_memory().available
+        if needed > available:
+            raise ValueError(
+                f"{summary}; computing its largest tensor {largest} {list(shapes[largest])} needs about "
+                f"{needed / 2**30:,.1f} GiB of memory, this machine has {available / 2**30:,.1f} GiB available"
+            )
+        folder = _nearest_existing_folder(self.output_dir.absolute().parent)
+        free = shutil.disk_usage(folder).free
+        if total_bytes > free:
+            raise ValueError(f"{summary}; {str(folder)!r} has {free / 2**30:,.1f} GiB of free disk space")
 
     def dtype_for(self, first_source: SafetensorsCheckpoint) -> torch.dtype:
         """The result's dtype: `dtype`, by default the first source's embedding dtype."""
@@ -206,9 +258,13 @@ class OutputOptions:
         sources: Sequence[SafetensorsCheckpoint],
         info: dict[str, Any],
         description: str,
+        size_flags: str = "",
     ) -> Path:
         """Compute the planned tensors one by one and stream them into safetensors shards; add config, code,
         tokenizer (from `sources[0]`) and `info` as `remoe_conversion.json`. Returns the output folder.
+
+        Before any tensor is computed, the result's size is checked against this machine (`check_size`, with
+        `size_flags` naming the options that set it).
 
         The sources' memory maps are released after every tensor, so resident memory stays near the largest tensor
         being computed (one layer's experts) instead of growing with every source page read.
@@ -216,9 +272,10 @@ class OutputOptions:
         dtype, output_dir = self.dtype_for(sources[0]), self.output_dir
         config.dtype = str(dtype).removeprefix("torch.")
         config.architectures = ["ReMoEForCausalLM"]
-        model = _meta_model(config)
+        model = meta_model(config)
         _check_plan(plan, model)
         shard_limit = parse_size(self.max_shard_size)
+        self.check_size(model, dtype, description, size_flags)
 
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
