@@ -181,7 +181,9 @@ def expected_tensor_shapes(config: ReMoEConfig) -> tuple[dict[str, tuple[int, ..
 
 
 def check_weights_match(checkpoint: SafetensorsCheckpoint, shapes: dict, optional: set, where: str) -> None:
-    """Raise `CheckpointError` unless the checkpoint holds exactly the tensors (names and shapes) of `shapes`."""
+    """Raise `CheckpointError` unless the checkpoint holds exactly the tensors (names and shapes) of `shapes`, each
+    stored in a floating-point dtype (every weight of these models is one; an integer tensor would be cast
+    silently)."""
     present = checkpoint.keys()
     missing = sorted(set(shapes) - present - optional)
     unexpected = sorted(present - set(shapes))
@@ -197,6 +199,11 @@ def check_weights_match(checkpoint: SafetensorsCheckpoint, shapes: dict, optiona
         if key in present and checkpoint.shape(key) != shape:
             raise CheckpointError(
                 f"{where}: tensor {key!r} has shape {checkpoint.shape(key)}, its config implies {shape}"
+            )
+        if key in present and not checkpoint.dtype(key).is_floating_point:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is stored as {checkpoint.dtype(key)}; weights must be floating point "
+                "(float32, bfloat16, float16 or float64)"
             )
 
 

@@ -951,6 +951,14 @@ class ReMoEPreTrainedModel(PreTrainedModel):
         "attentions": ReMoEAttention,
     }
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Transformers' `from_pretrained`, reading safetensors weights only unless `use_safetensors=False` is passed:
+        a folder or repository with only pickle weights (`pytorch_model.bin`) is an error, not unpickled."""
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

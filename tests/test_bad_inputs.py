@@ -346,6 +346,12 @@ def _extra_tensor(model: Path) -> None:
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
 
 
+def _integer_weights(model: Path) -> None:
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+
+
 BROKEN = {
     "pickle weights only": (_pickle_only, "pickle weights ['pytorch_model.bin'], which remoe never loads"),
     "config with fewer layers": (_two_layer_config, "tensors its config does not know"),
@@ -355,6 +361,7 @@ BROKEN = {
     "corrupt header": (_corrupt_header, "not a safetensors file"),
     "empty weights": (_empty, "empty or truncated"),
     "unexpected tensor": (_extra_tensor, "tensors its config does not know"),
+    "integer weights": (_integer_weights, "'model.norm.weight' is stored as torch.int8; weights must be floating"),
 }
 
 

@@ -333,3 +333,25 @@ def test_a_training_step_with_unaligned_experts_matches_the_dense_reference(
         torch.testing.assert_close(parameter.grad, reference_parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(parameter, reference_parameter, rtol=1e-5, atol=1e-6, msg=name)
     assert any(parameter.grad.abs().sum() > 0 for name, parameter in model.named_parameters() if "experts" in name)
+
+
+def test_from_pretrained_reads_safetensors_only_unless_told_otherwise(tmp_path):
+    """A folder with only pickle weights is refused by `ReMoEForCausalLM.from_pretrained` and the Auto class; an
+    explicit `use_safetensors=False` still loads it (through Transformers' `weights_only` unpickler)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = remoe.ReMoEConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4,
+    )  # fmt: skip
+    model = remoe.ReMoEForCausalLM(config)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    for loader in (remoe.ReMoEForCausalLM, AutoModelForCausalLM):
+        with pytest.raises(OSError, match=r"model\.safetensors"):
+            loader.from_pretrained(tmp_path)
+    loaded = remoe.ReMoEForCausalLM.from_pretrained(tmp_path, use_safetensors=False)
+    assert torch.equal(loaded.model.norm.weight, model.model.norm.weight)

@@ -136,3 +136,20 @@ def test_chat_answers_the_prompt_as_a_user_turn_of_the_chat_template(chat_model_
 def test_chat_and_stream_options_that_cannot_apply_fail_with_a_clear_message(model_dir, capsys, flags, message):
     assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"max_new_tokens": "many"}', '{"max_new_tokens": -3}', "{not json"],
+    ids=["wrong type", "invalid value", "not json"],
+)
+def test_a_broken_generation_config_is_one_error_naming_the_file(model_dir, tmp_path, capsys, content):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / "generation_config.json").write_text(content)
+    assert main(["generate", str(folder), "--prompt", "x", "--max_new_tokens", "2"]) == 2
+    error = capsys.readouterr().err
+    assert f"{folder / 'generation_config.json'}: not a valid generation config" in error
+    assert "Traceback" not in error

@@ -297,6 +297,7 @@ def test_remote_code_is_model_code_only(repo_folder, tmp_path):
                 subprocess.run(["ls"])
                 torch.load("weights.bin")
                 eval("1 + 1")
+                torch.nn.Module.from_pretrained("evil/model")
                 return x
             """
         )
@@ -312,7 +313,7 @@ def test_remote_code_is_model_code_only(repo_folder, tmp_path):
         "torch.hub",
     ):
         assert needle in problems, needle
-    for needle in ("uses open", "uses .load", "uses eval"):
+    for needle in ("uses open", "uses .load", "uses eval", "uses .from_pretrained"):
         assert needle in problems, needle
     assert "bad.py:12" not in problems  # remoe inside try/except ImportError is fine
     assert not [p for p in repo_folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]

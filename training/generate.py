@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
-from transformers import TextStreamer, set_seed
+from transformers import GenerationConfig, TextStreamer, set_seed
+from transformers.utils import GENERATION_CONFIG_NAME
 
 from remoe.checkpoints import check_checkpoint, load_model, load_tokenizer, resolve_device
 from remoe.modeling_remoe import active_experts
@@ -117,6 +119,18 @@ def experts_per_new_token(model, sequence: torch.Tensor, prompt_length: int) -> 
     return counts[prompt_length:].tolist()
 
 
+def check_generation_config(model_dir: str) -> None:
+    """The checkpoint's `generation_config.json`, if it has one, must be a valid generation config: Transformers
+    otherwise skips a file that is not JSON and fails inside `generate` on a wrong value."""
+    path = Path(model_dir) / GENERATION_CONFIG_NAME
+    if not path.exists():
+        return
+    try:
+        GenerationConfig.from_pretrained(model_dir).validate()
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not a valid generation config ({' '.join(str(error).split())})") from error
+
+
 def generate(
     model_dir: str,
     prompts: list[str],
@@ -142,6 +156,7 @@ def generate(
     _validate(prompts, max_new_tokens, do_sample, temperature, top_p, dtype, chat, system)
     device = check_inference_device(device)
     config = check_checkpoint(model_dir)
+    check_generation_config(model_dir)
     if show_routing and not config.has_experts:
         raise ValueError(
             f"--show_routing needs a ReMoE model with experts (any router_type but dense); {model_dir} is dense"
