@@ -200,7 +200,7 @@ def test_check_checkpoint_names_config_json_and_the_field(checkpoint, tmp_path, 
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("command", ["generate", "analyze"])
+@pytest.mark.parametrize("command", ["generate", "analyze", "convert"])
 @pytest.mark.parametrize("case", list(BAD_CONFIG_JSON))
 def test_every_bad_config_json_is_exit_status_2_and_one_line(checkpoint, tmp_path, capsys, command, case):
     changes, message = BAD_CONFIG_JSON[case]
@@ -208,6 +208,7 @@ def test_every_bad_config_json_is_exit_status_2_and_one_line(checkpoint, tmp_pat
     argv = {
         "generate": ["generate", str(model), "--prompt", "alpha"],
         "analyze": ["analyze", str(model), "--output_dir", str(tmp_path / "analysis")],
+        "convert": ["convert", str(model), "--output_dir", str(tmp_path / "converted"), "--router_type", "topk"],
     }[command]
     capsys.readouterr()
     assert remoe_main(argv) == 2

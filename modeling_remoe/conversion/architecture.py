@@ -15,9 +15,16 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 
-from ..checkpoints import SafetensorsCheckpoint, check_weights_match, expected_tensor_shapes
+from ..checkpoints import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    check_config_keys,
+    check_weights_match,
+    expected_tensor_shapes,
+)
 from ..configuration_remoe import ReMoEConfig
 
 logger = logging.getLogger(__name__)
@@ -137,9 +144,13 @@ def read_architecture(checkpoint: SafetensorsCheckpoint) -> Architecture:
             f"{str(path)!r}: model_type {model_type!r} is not supported; dense sources: {', '.join(DENSE_MODEL_TYPES)} "
             f"(ReMoE with router_type='dense'), MoE sources: {', '.join(MOE_MODEL_TYPES)}"
         )
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as error:
+        raise CheckpointError(f"{path / 'config.json'}: {' '.join(str(error).split())}") from error
     fields = _common_fields(config, path)
     if model_type == "remoe":
+        check_config_keys(checkpoint.config_dict, path / "config.json")
         if config.router_type not in CONVERTIBLE_ROUTER_TYPES:
             raise ValueError(
                 f"{str(path)!r}: router_type {config.router_type!r} cannot be converted, upcycled or mixed "
