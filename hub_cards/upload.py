@@ -7,6 +7,7 @@ The folder holds sharded safetensors, `config.json` with `auto_map`, the remote-
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -84,6 +85,15 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return Path(model_dir)
 
 
+def _check_shipped_code(model) -> None:
+    """The model's remote-code files, where `save_pretrained` will copy them from, are model-only code: checked
+    before anything is written (the copies in the repository folder are checked again)."""
+    source_dir = Path(inspect.getfile(type(model))).parent
+    problems = [problem for name in REMOTE_CODE_FILES for problem in check_remote_code(source_dir / name)]
+    if problems:
+        raise PushError("remote code is not model-only code: " + "; ".join(problems))
+
+
 def prepare_repo_folder(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -112,6 +122,7 @@ def prepare_repo_folder(
         tokenizer = load_tokenizer(model_dir)
     except CheckpointError as error:
         raise PushError(f"model_dir: {error}") from error
+    _check_shipped_code(model)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, max_shard_size=shard_bytes)

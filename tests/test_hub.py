@@ -483,3 +483,23 @@ def test_missing_checkpoint_fails_clearly(tmp_path, capsys):
     assert remoe_push([str(tmp_path / "nope"), "--repo_id", REPO_ID, "--dry_run", str(tmp_path / "out")]) == 2
     assert "no such folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_remote_code_that_is_not_model_only_fails_before_anything_is_written(model_dir, tmp_path, monkeypatch, capsys):
+    """The model's own source files are checked before the repository folder is written (here the check is made to
+    find a problem in modeling_remoe.py)."""
+    from remoe.hub_cards import upload
+
+    checked = []
+
+    def check(path):
+        checked.append(Path(path))
+        return [f"{Path(path).name}:1: uses .load"] if Path(path).name == "modeling_remoe.py" else []
+
+    monkeypatch.setattr(upload, "check_remote_code", check)
+    out = tmp_path / "out"
+    assert remoe_push([str(model_dir), "--repo_id", REPO_ID, "--dry_run", str(out)]) == 2
+    assert "remote code is not model-only code: modeling_remoe.py:1: uses .load" in capsys.readouterr().err
+    assert not out.exists()
+    assert {path.name for path in checked} == {"configuration_remoe.py", "modeling_remoe.py"}
+    assert all(path.parent == Path(remoe.modeling_remoe.__file__).parent for path in checked)
