@@ -271,6 +271,8 @@ def test_bf16_trains_on_a_cpu(workspace, tmp_path):
         ("broken.jsonl", b'{"text": "fine"}\n{"text": "cut\n', "broken.jsonl:2: invalid JSON"),
         ("number.jsonl", b'{"text": "fine"}\n{"text": 42}\n', "number.jsonl:2: 'text' must be a string, got int 42"),
         ("list.json", b'[{"text": "fine"}, "not a record"]', "list.json:1: expected a JSON object per record"),
+        ("null.jsonl", b'{"text": "fine"}\n{"text": null}\n', "null.jsonl:2: 'text' must be a string, got NoneType"),
+        ("nokey.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', "nokey.jsonl:2: the record has no 'text' field"),
     ],
 )
 def test_unreadable_data_files_name_the_file_and_line(workspace, tmp_path, capsys, name, content, message):

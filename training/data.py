@@ -288,7 +288,8 @@ def _load_dataset(where: str, *args, **kwargs):
 
 def check_text_file(path: Path, builder: str, text_column: str) -> None:
     """Raise `ValueError` naming the file and line unless a text or json/jsonl file is UTF-8 and every json record is
-    a JSON object whose `text_column` is a string (checked before `datasets` reads it, which reports neither)."""
+    a JSON object with a `text_column` field that is a string (checked before `datasets` reads it, which reports
+    none of these, and would drop a record without the field or with null)."""
     if builder == "text":
         with open(path, "rb") as handle:
             for line_number, raw in enumerate(handle, start=1):
@@ -309,11 +310,19 @@ def check_text_file(path: Path, builder: str, text_column: str) -> None:
                 records.append((line_number, json.loads(line)))
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+    # a file where no record has the field is reported by `load_text_dataset`, with the columns it does have
+    any_has_column = any(isinstance(record, dict) and text_column in record for _, record in records)
     for line_number, record in records:
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{line_number}: expected a JSON object per record, got {type(record).__name__}")
-        value = record.get(text_column)
-        if value is not None and not isinstance(value, str):
+        if text_column not in record and any_has_column:
+            keys = ", ".join(map(repr, list(record)[:5])) or "none"
+            raise ValueError(
+                f"{path}:{line_number}: the record has no {text_column!r} field (its keys: {keys}); every record "
+                "needs one, or name the text field with --text_column (data.text_column)"
+            )
+        value = record.get(text_column, "")
+        if not isinstance(value, str):
             raise ValueError(
                 f"{path}:{line_number}: {text_column!r} must be a string, got {type(value).__name__} {value!r:.40}"
             )
