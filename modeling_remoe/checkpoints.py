@@ -49,6 +49,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 _IGNORED_KEYS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # some older checkpoints carry the RoPE buffer
+_INTEGER_TENSORS = re.compile(r"(^|\.)router\.hash_table$")  # the Hash router's token -> experts table (int64)
 # Keys a ReMoE config.json may hold besides what `ReMoEConfig().to_dict()` writes: Transformers' own bookkeeping and
 # the legacy names it still reads.
 _CONFIG_EXTRA_KEYS = {"auto_map", "torch_dtype", "experts_implementation", "rope_theta", "rope_scaling"}
@@ -182,8 +183,8 @@ def expected_tensor_shapes(config: ReMoEConfig) -> tuple[dict[str, tuple[int, ..
 
 def check_weights_match(checkpoint: SafetensorsCheckpoint, shapes: dict, optional: set, where: str) -> None:
     """Raise `CheckpointError` unless the checkpoint holds exactly the tensors (names and shapes) of `shapes`, each
-    stored in a floating-point dtype (every weight of these models is one; an integer tensor would be cast
-    silently)."""
+    stored in a floating-point dtype (every weight of these models is one, and an integer tensor would be cast
+    silently; only the Hash router's table is integer)."""
     present = checkpoint.keys()
     missing = sorted(set(shapes) - present - optional)
     unexpected = sorted(present - set(shapes))
@@ -200,7 +201,7 @@ def check_weights_match(checkpoint: SafetensorsCheckpoint, shapes: dict, optiona
             raise CheckpointError(
                 f"{where}: tensor {key!r} has shape {checkpoint.shape(key)}, its config implies {shape}"
             )
-        if key in present and not checkpoint.dtype(key).is_floating_point:
+        if key in present and not checkpoint.dtype(key).is_floating_point and not _INTEGER_TENSORS.search(key):
             raise CheckpointError(
                 f"{where}: tensor {key!r} is stored as {checkpoint.dtype(key)}; weights must be floating point "
                 "(float32, bfloat16, float16 or float64)"
