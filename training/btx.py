@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub.errors import StrictDataclassFieldValidationError
 
 from remoe import conversion
 from remoe.checkpoints import check_checkpoint, load_any_model, load_tokenizer
@@ -32,7 +31,15 @@ from remoe.configuration_remoe import ReMoEConfig
 from remoe.modeling_remoe import expert_token_counts
 
 from .convert import CONTROLLER_OPTIONS, TOPK_ROUTING_OPTIONS, WRITER_OPTIONS, cli_options
-from .run_config import CONTINUATION_FLAGS, DATA_FLAGS, TRAINING_FLAGS, check_output_dir, plan_run, resolve_run
+from .run_config import (
+    CONTINUATION_FLAGS,
+    DATA_FLAGS,
+    TRAINING_FLAGS,
+    apply_continuation_overrides,
+    check_output_dir,
+    plan_run,
+    resolve_run,
+)
 
 BRANCH_FILE = "btx_branch.json"
 JOB_FILE = "btx_job.json"
@@ -209,14 +216,7 @@ def _check_continuation(options: dict[str, Any], run: dict[str, dict], seed_conf
     """The continuation flags (`--l1_coef_init`, ...) and the block size against the seed's ReMoE config, as
     `remoe train --model_name_or_path` checks them."""
     config = copy.deepcopy(seed_config)
-    overrides = {name: run["model"][name] for name in CONTINUATION_FLAGS if name in run["model"]}
-    overrides.update({name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None})
-    try:
-        for name, value in overrides.items():
-            setattr(config, name, value)
-        config._check_values()
-    except (TypeError, ValueError, StrictDataclassFieldValidationError) as error:
-        raise ValueError(f"{where}: {' '.join(str(error).split())}") from error
+    apply_continuation_overrides(config, options, run, where)
     block_size = run["data"]["block_size"]
     if block_size > config.max_position_embeddings:
         raise ValueError(

@@ -803,6 +803,16 @@ def _continued_model(options: dict[str, Any], run: dict[str, dict], where: str) 
             where,
             ", ".join(differing),
         )
+    overrides = apply_continuation_overrides(config, options, run, where)
+    run["model"] = {**overrides, "router_type": config.router_type}
+    return config
+
+
+def apply_continuation_overrides(
+    config: ReMoEConfig, options: dict[str, Any], run: dict[str, dict], where: str
+) -> dict[str, Any]:
+    """Set the continuation values (`CONTINUATION_FLAGS`: the run file's `model` section, then the flags) on the
+    checkpoint's `config`, check them, and return them."""
     overrides = {name: run["model"][name] for name in CONTINUATION_FLAGS if name in run["model"]}
     overrides.update({name: options[name] for name in CONTINUATION_FLAGS if options.get(name) is not None})
     try:
@@ -811,8 +821,7 @@ def _continued_model(options: dict[str, Any], run: dict[str, dict], where: str) 
         config._check_values()
     except (TypeError, ValueError, StrictDataclassFieldValidationError) as error:
         raise ValueError(f"{where}: {' '.join(str(error).split())}") from error
-    run["model"] = {**overrides, "router_type": config.router_type}
-    return config
+    return overrides
 
 
 def parameter_count(config: ReMoEConfig) -> int:
