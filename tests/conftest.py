@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -93,3 +95,26 @@ def _glibc_defaults_in_the_test_process(monkeypatch):
 def _shared_corpus_cache(monkeypatch, tmp_path_factory):
     """One embedded-corpus cache for the whole session (tests that need their own set REMOE_CACHE themselves)."""
     monkeypatch.setenv("REMOE_CACHE", str(tmp_path_factory.getbasetemp() / "remoe-cache"))
+
+
+def folder_snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time (empty when the folder does not exist)."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def fails_with_one_line(capsys, argv: list, message: str, unchanged: Path | None = None) -> str:
+    """Run `remoe ARGV`; it must exit with 2 and one error line containing `message`, leaving `unchanged` (a folder)
+    as it was. Returns the line."""
+    import remoe_cli
+
+    before = folder_snapshot(unchanged) if unchanged is not None else None
+    capsys.readouterr()
+    assert remoe_cli.main([str(arg) for arg in argv]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remoe")]
+    assert len(errors) == 1, errors
+    assert message in errors[0], errors[0]
+    if unchanged is not None:
+        assert folder_snapshot(unchanged) == before
+    return errors[0]

@@ -21,7 +21,7 @@ from remoe import conversion
 from remoe.training.cli import main
 from remoe.training.data import train_tokenizer
 
-from .conftest import TINY_ARCH, WORDS, save_tiny_checkpoint
+from .conftest import TINY_ARCH, WORDS, fails_with_one_line, save_tiny_checkpoint
 
 GiB = 2**30
 
@@ -51,25 +51,6 @@ def workspace(tmp_path_factory) -> Path:
     save_tiny_checkpoint(root / "remoe", texts, vocab_size=300)
     conversion.to_dense_remoe(root / "seed", root / "dense-remoe")
     return root
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-def _fails(capsys, argv: list, message: str, unchanged: Path | None = None) -> str:
-    """Run `remoe ARGV`: exit status 2 and one error line containing `message`; `unchanged` (a folder) as it was."""
-    before = _snapshot(unchanged) if unchanged is not None else None
-    capsys.readouterr()
-    assert main([str(arg) for arg in argv]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remoe")]
-    assert len(errors) == 1, errors
-    assert message in errors[0], errors[0]
-    if unchanged is not None:
-        assert _snapshot(unchanged) == before
-    return errors[0]
 
 
 def _nothing_written(folder: Path) -> None:
@@ -113,7 +94,7 @@ def test_upcycle_into_more_experts_than_memory_holds_is_refused_before_any_alloc
     out = tmp_path / "upcycled"
     argv = ["upcycle", workspace / "seed", "--num_experts", "100000000", "--output_dir", out]
     with _address_space_headroom(4 * GiB):
-        line = _fails(capsys, argv, "num_experts (--num_experts) 100000000", workspace / "seed")
+        line = fails_with_one_line(capsys, argv, "num_experts (--num_experts) 100000000", workspace / "seed")
     assert "B parameters" in line and "GiB of memory" in line and "GiB available" in line
     _nothing_written(out)
 
@@ -130,7 +111,7 @@ def test_results_larger_than_the_available_memory(workspace, tmp_path, capsys, m
     _available_memory(monkeypatch, 4096)
     out = tmp_path / "out"
     argv = [str(arg).format(seed=workspace / "seed") for arg in argv] + ["--output_dir", out]
-    line = _fails(capsys, argv, message, workspace / "seed")
+    line = fails_with_one_line(capsys, argv, message, workspace / "seed")
     assert "GiB of memory, this machine has 0.0 GiB available" in line
     _nothing_written(out)
 
@@ -141,7 +122,7 @@ def test_a_result_larger_than_the_free_disk_space(workspace, tmp_path, capsys, m
     monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: SimpleNamespace(total=0, used=0, free=1000))
     out = tmp_path / "out"
     argv = ["upcycle", workspace / "seed", "--num_experts", "8", "--output_dir", out]
-    line = _fails(capsys, argv, "num_experts (--num_experts) 8", workspace / "seed")
+    line = fails_with_one_line(capsys, argv, "num_experts (--num_experts) 8", workspace / "seed")
     assert "GiB of free disk space" in line
     _nothing_written(out)
 
@@ -153,7 +134,7 @@ def test_max_shard_size_of_conversions(workspace, tmp_path, capsys, command, siz
     sources = {"upcycle": ["upcycle", seed, "--num_experts", "2"], "convert": ["convert", seed]}
     argv = sources.get(command, ["btx", "mix", seed, seed])
     out = tmp_path / "out"
-    _fails(capsys, [*argv, "--output_dir", out, "--max_shard_size", size], "--max_shard_size", seed)
+    fails_with_one_line(capsys, [*argv, "--output_dir", out, "--max_shard_size", size], "--max_shard_size", seed)
     _nothing_written(out)
 
 
@@ -166,7 +147,7 @@ def test_router_std_must_be_a_finite_positive_number(workspace, tmp_path, capsys
     seed = workspace / "seed"
     argv = ["upcycle", seed, "--num_experts", "2"] if command == "upcycle" else ["btx", "mix", seed, seed]
     out = tmp_path / "out"
-    _fails(capsys, [*argv, "--output_dir", out, f"--router_std={value}"], "--router_std", seed)
+    fails_with_one_line(capsys, [*argv, "--output_dir", out, f"--router_std={value}"], "--router_std", seed)
     _nothing_written(out)
 
 
@@ -199,7 +180,7 @@ def test_router_std_in_python(workspace, tmp_path, value):
 def test_float_flags_refuse_non_finite_values(workspace, tmp_path, capsys, argv, flag):
     out = tmp_path / "out"
     argv = [str(arg).format(seed=workspace / "seed") for arg in argv] + ["--output_dir", out]
-    _fails(capsys, argv, f"argument {flag}: must be a finite number", workspace / "seed")
+    fails_with_one_line(capsys, argv, f"argument {flag}: must be a finite number", workspace / "seed")
     assert not out.exists()
 
 
@@ -221,7 +202,7 @@ def test_mix_options_that_cannot_apply(workspace, tmp_path, capsys, flags, messa
     seed = workspace / "seed"
     out = tmp_path / "out"
     flags = [flag.format(data=workspace / "data.jsonl") for flag in flags]
-    _fails(capsys, ["btx", "mix", seed, seed, "--output_dir", out, *flags], message, seed)
+    fails_with_one_line(capsys, ["btx", "mix", seed, seed, "--output_dir", out, *flags], message, seed)
     _nothing_written(out)
 
 
@@ -238,7 +219,7 @@ def test_mix_reads_the_centroid_texts_only_after_its_checks(workspace, tmp_path,
     (out / "keep.txt").write_text("mine")
     seed, data = workspace / "seed", workspace / "data.jsonl"
     argv = ["btx", "mix", seed, seed, "--router_init", "centroid", "--router_texts", data, data, "--output_dir", out]
-    _fails(capsys, argv, "exists and is not empty", out)
+    fails_with_one_line(capsys, argv, "exists and is not empty", out)
 
 
 # ---- btx branch: every job is checked before the seed is converted or any expert trains -----------------------------
@@ -249,7 +230,9 @@ def test_branch_checks_every_dataset_before_any_work(workspace, tmp_path, capsys
     out = tmp_path / "branch"
     argv = ["btx", "branch", workspace / "seed", "--output_dir", out, "--max_steps", "2", "--block_size", "16"]
     argv += ["--datasets", workspace / "data.jsonl", "/no/such.jsonl", *(["--dry_run"] if dry_run else [])]
-    _fails(capsys, argv, "--datasets '/no/such.jsonl' (expert 'such'): no such file or directory", workspace)
+    fails_with_one_line(
+        capsys, argv, "--datasets '/no/such.jsonl' (expert 'such'): no such file or directory", workspace
+    )
     assert not out.exists()  # the seed was not converted, no expert trained
 
 
@@ -258,7 +241,7 @@ def test_branch_checks_the_contents_of_every_dataset(workspace, tmp_path, capsys
     bad.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     out = tmp_path / "branch"
     argv = ["btx", "branch", workspace / "seed", "--output_dir", out, "--max_steps", "2", "--block_size", "16"]
-    _fails(capsys, [*argv, "--datasets", workspace / "data.jsonl", bad], "latin.txt:1: not UTF-8 text")
+    fails_with_one_line(capsys, [*argv, "--datasets", workspace / "data.jsonl", bad], "latin.txt:1: not UTF-8 text")
     assert not out.exists()
 
 
@@ -278,7 +261,7 @@ def test_branch_job_settings_are_checked_before_any_work(workspace, tmp_path, ca
     out = tmp_path / "branch"
     flags = [flag.format(data=workspace / "data.jsonl") for flag in flags]
     argv = ["btx", "branch", workspace / "seed", "--output_dir", out, "--max_steps", "2", "--block_size", "16"]
-    _fails(capsys, [*argv, *flags], message, workspace)
+    fails_with_one_line(capsys, [*argv, *flags], message, workspace)
     assert not out.exists()
 
 
@@ -287,16 +270,20 @@ def test_branch_refuses_an_expert_folder_that_holds_a_run(workspace, tmp_path, c
     (out / "expert-math").mkdir(parents=True)
     (out / "expert-math" / "metrics.json").write_text("{}")
     argv = ["btx", "branch", workspace / "seed", "--output_dir", out, "--max_steps", "2", "--block_size", "16"]
-    _fails(capsys, [*argv, "--domains", "code", "math"], "expert 'math'", out)
+    fails_with_one_line(capsys, [*argv, "--domains", "code", "math"], "expert 'math'", out)
     assert not (out / "seed").exists()
 
 
 def test_branch_with_a_remoe_seed_checks_every_job_like_remoe_train(workspace, tmp_path, capsys):
     out = tmp_path / "branch"
     argv = ["btx", "branch", workspace / "dense-remoe", "--output_dir", out, "--max_steps", "2", "--block_size", "16"]
-    _fails(capsys, [*argv, "--datasets", workspace / "data.jsonl", tmp_path / "missing.jsonl", "--dry_run"], "missing")
+    fails_with_one_line(
+        capsys, [*argv, "--datasets", workspace / "data.jsonl", tmp_path / "missing.jsonl", "--dry_run"], "missing"
+    )
     assert not out.exists()
-    _fails(capsys, [*argv, "--domains", "code", "--block_size", "128"], "expert 'code': data.block_size (128)")
+    fails_with_one_line(
+        capsys, [*argv, "--domains", "code", "--block_size", "128"], "expert 'code': data.block_size (128)"
+    )
     assert not out.exists()
 
 
@@ -315,7 +302,9 @@ def test_branch_with_a_remoe_seed_checks_every_job_like_remoe_train(workspace, t
     ],
 )
 def test_generate_options(workspace, capsys, flags, message):
-    line = _fails(capsys, ["generate", workspace / "remoe", "--prompt", "alpha", *flags], message, workspace / "remoe")
+    line = fails_with_one_line(
+        capsys, ["generate", workspace / "remoe", "--prompt", "alpha", *flags], message, workspace / "remoe"
+    )
     if "100000" in flags:
         assert "max_position_embeddings (64); use --max_new_tokens" in line
 
@@ -323,7 +312,7 @@ def test_generate_options(workspace, capsys, flags, message):
 def test_generate_keeps_prompt_and_new_tokens_within_the_context(workspace, capsys):
     model = workspace / "remoe"
     long_prompt = " ".join(["alpha"] * 100)
-    _fails(capsys, ["generate", model, "--prompt", long_prompt], "--prompt: the prompt is", model)
+    fails_with_one_line(capsys, ["generate", model, "--prompt", long_prompt], "--prompt: the prompt is", model)
     # Without --max_new_tokens the default (64) is capped at what the 64 positions leave after the prompt.
     assert main(["generate", str(model), "--prompt", "alpha beta gamma", "--json"]) == 0
     (result,) = json.loads(capsys.readouterr().out)
@@ -351,7 +340,7 @@ def test_eval_options(workspace, tmp_path, capsys, flags, message):
     pytest.importorskip("lm_eval")
     results = tmp_path / "results"
     argv = ["eval", workspace / "remoe", "--limit", "1", "--output_path", results / "eval.json", *flags]
-    _fails(capsys, argv, message, workspace / "remoe")
+    fails_with_one_line(capsys, argv, message, workspace / "remoe")
     assert not results.exists()
 
 
@@ -362,5 +351,7 @@ def test_eval_options(workspace, tmp_path, capsys, flags, message):
 def test_push_checks_max_shard_size_before_writing(workspace, tmp_path, capsys, size):
     out = tmp_path / "repo"
     argv = ["push", workspace / "remoe", "--repo_id", "acme/model", "--dry_run", out, "--max_shard_size", size]
-    _fails(capsys, argv, "max_shard_size (--max_shard_size) must be a number of bytes > 0", workspace / "remoe")
+    fails_with_one_line(
+        capsys, argv, "max_shard_size (--max_shard_size) must be a number of bytes > 0", workspace / "remoe"
+    )
     assert not out.exists()

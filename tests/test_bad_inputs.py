@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from remoe.training.trainer import CHECKPOINT_COMPLETE
 
-from .conftest import SMALL_MODEL, WORDS
+from .conftest import SMALL_MODEL, WORDS, fails_with_one_line
 
 RUN = {
     "model": {**SMALL_MODEL, "l1_coef_init": 1e-4},
@@ -32,25 +32,6 @@ RUN = {
         "disable_tqdm": True,
     },
 }
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    if not folder.exists():
-        return {}
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-def _fails(capsys, argv: list[str], message: str, unchanged: Path | None = None) -> str:
-    """Run `remoe ARGV`; it must exit with 2 and one error line containing `message`, leaving `unchanged` as it was."""
-    before = _snapshot(unchanged) if unchanged is not None else None
-    capsys.readouterr()
-    assert remoe_cli.main([str(arg) for arg in argv]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("remoe")]
-    assert len(errors) == 1, errors
-    assert message in errors[0], errors[0]
-    if unchanged is not None:
-        assert _snapshot(unchanged) == before
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +89,7 @@ def test_bad_keys_and_values_in_the_run_file(workspace, tmp_path, capsys, sectio
     run[section][key] = value
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
-    _fails(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
+    fails_with_one_line(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
     assert not (tmp_path / "out").exists()
 
 
@@ -121,7 +102,7 @@ def test_triton_experts_for_a_cpu_run(workspace, tmp_path, capsys, monkeypatch):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     message = "model.experts_implementation 'triton' needs CUDA (or TRITON_INTERPRET=1 on CPU)"
-    _fails(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
+    fails_with_one_line(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
     assert not (tmp_path / "out").exists()
 
 
@@ -137,7 +118,7 @@ def test_triton_experts_for_a_cpu_run(workspace, tmp_path, capsys, monkeypatch):
 )
 def test_run_files_that_are_not_run_configurations(workspace, tmp_path, capsys, text, message):
     path = _write_yaml(tmp_path, "bad.yaml", text)
-    _fails(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
+    fails_with_one_line(capsys, ["train", "--config", path, "--output_dir", tmp_path / "out"], message)
     assert not (tmp_path / "out").exists()
 
 
@@ -153,7 +134,7 @@ def test_run_files_that_are_not_run_configurations(workspace, tmp_path, capsys, 
 )
 def test_combinations_and_machine_limits_fail_before_any_work(workspace, tmp_path, capsys, flags, message):
     argv = ["train", "--config", workspace / "run.yaml", "--output_dir", tmp_path / "out", *flags]
-    _fails(capsys, argv, message)
+    fails_with_one_line(capsys, argv, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -163,9 +144,11 @@ def test_combinations_and_machine_limits_fail_before_any_work(workspace, tmp_pat
 def test_a_finished_run_is_never_overwritten_silently(workspace, trained, tmp_path, capsys):
     output = tmp_path / "run"
     shutil.copytree(trained, output)
-    _fails(capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", output], "already holds files", output)
+    fails_with_one_line(
+        capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", output], "already holds files", output
+    )
     smaller = workspace / "run.yaml"
-    _fails(
+    fails_with_one_line(
         capsys,
         ["train", "--config", smaller, "--output_dir", output, "--router_type", "topk", "--resume_from_checkpoint"],
         "holds a run with another model or data",
@@ -195,14 +178,18 @@ def test_output_folders_that_cannot_be_written(workspace, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     argv = ["train", "--config", workspace / "run.yaml", "--output_dir", blocker / "run"]
-    _fails(capsys, argv, "cannot create it", tmp_path)
-    _fails(capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", blocker], "is a file, not a folder")
+    fails_with_one_line(capsys, argv, "cannot create it", tmp_path)
+    fails_with_one_line(
+        capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", blocker], "is a file, not a folder"
+    )
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(readonly)]).returncode != 0:
         pytest.skip("a read-only folder needs a read-only mount here (tests run as root)")
     try:
-        _fails(capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", readonly / "run"], "cannot write")
+        fails_with_one_line(
+            capsys, ["train", "--config", workspace / "run.yaml", "--output_dir", readonly / "run"], "cannot write"
+        )
     finally:
         subprocess.run(["umount", str(readonly)], check=True)
 
@@ -212,23 +199,25 @@ def test_resume_refuses_what_it_cannot_continue(workspace, trained, tmp_path, ca
     output = tmp_path / "run"
     shutil.copytree(trained, output)
     base = ["train", "--config", run_file, "--output_dir", output, "--resume_from_checkpoint"]
-    _fails(capsys, [*base, output], "is a model folder, not a Trainer checkpoint-N", output)
+    fails_with_one_line(capsys, [*base, output], "is a model folder, not a Trainer checkpoint-N", output)
     # A checkpoint whose weights were cut short.
     damaged = output / "checkpoint-4" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-100])
-    _fails(capsys, [*base, output / "checkpoint-4"], "checkpoint-4 is damaged: model.safetensors has", output)
+    fails_with_one_line(
+        capsys, [*base, output / "checkpoint-4"], "checkpoint-4 is damaged: model.safetensors has", output
+    )
     # A checkpoint of another model.
     other = tmp_path / "other"
     argv = ["train", "--config", run_file, "--output_dir", other, "--max_steps", "2", "--num_experts", "2"]
     assert remoe_cli.main([str(arg) for arg in argv]) == 0
     fresh = tmp_path / "fresh"
     argv = ["train", "--config", run_file, "--output_dir", fresh, "--resume_from_checkpoint", other / "checkpoint-2"]
-    _fails(capsys, argv, "holds another model (num_experts: 2 there, 4 asked)")
+    fails_with_one_line(capsys, argv, "holds another model (num_experts: 2 there, 4 asked)")
     assert not fresh.exists()
     # An unmarked checkpoint (a save that a crash interrupted) is not resumable either.
     (other / "checkpoint-2" / CHECKPOINT_COMPLETE).unlink()
     argv = ["train", "--config", run_file, "--num_experts", "2", "--output_dir", other, "--resume_from_checkpoint"]
-    _fails(capsys, argv, "no complete checkpoint-N", other)
+    fails_with_one_line(capsys, argv, "no complete checkpoint-N", other)
 
 
 def test_train_loss_after_a_resume_covers_the_whole_run(workspace, trained, tmp_path):
@@ -278,7 +267,7 @@ def test_bf16_trains_on_a_cpu(workspace, tmp_path):
 def test_unreadable_data_files_name_the_file_and_line(workspace, tmp_path, capsys, name, content, message):
     (tmp_path / name).write_bytes(content)
     argv = ["train", "--config", workspace / "run.yaml", "--dataset", tmp_path / name, "--output_dir", tmp_path / "out"]
-    _fails(capsys, argv, message)
+    fails_with_one_line(capsys, argv, message)
     assert not (tmp_path / "out").exists()
 
 
@@ -376,14 +365,14 @@ def test_every_command_refuses_a_broken_checkpoint(workspace, trained, tmp_path,
     if breakage == "another model type" and command in ("convert", "btx eval"):
         # These two read Llama checkpoints too: a Llama config over ReMoE weights is a mismatch of tensors for them.
         message = "is dense" if command == "convert" else "missing keys between config and weights"
-    _fails(capsys, _commands(model, tmp_path, workspace)[command], message, model)
+    fails_with_one_line(capsys, _commands(model, tmp_path, workspace)[command], message, model)
     for produced in ("analysis", "repo", "out", "converted"):
         assert not (tmp_path / produced).exists() or not any((tmp_path / produced).iterdir()), produced
 
 
 @pytest.mark.parametrize("command", ["generate", "analyze", "eval", "push", "btx eval"])
 def test_a_missing_folder_is_one_line(workspace, tmp_path, capsys, command):
-    _fails(capsys, _commands(tmp_path / "nope", tmp_path, workspace)[command], "no such")
+    fails_with_one_line(capsys, _commands(tmp_path / "nope", tmp_path, workspace)[command], "no such")
 
 
 @pytest.mark.parametrize(
@@ -397,14 +386,16 @@ def test_a_missing_folder_is_one_line(workspace, tmp_path, capsys, command):
     ],
 )
 def test_generate_options(trained, capsys, flags, message):
-    _fails(capsys, ["generate", trained, *flags], message)
+    fails_with_one_line(capsys, ["generate", trained, *flags], message)
 
 
 def test_eval_checks_where_the_results_go_before_evaluating(trained, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    _fails(capsys, ["eval", trained, "--output_path", blocker / "results.json"], "cannot create it", trained)
-    _fails(capsys, ["eval", trained, "--device", "cuda"], "no CUDA GPU", trained)
+    fails_with_one_line(
+        capsys, ["eval", trained, "--output_path", blocker / "results.json"], "cannot create it", trained
+    )
+    fails_with_one_line(capsys, ["eval", trained, "--device", "cuda"], "no CUDA GPU", trained)
 
 
 def test_eval_warns_for_a_context_longer_than_the_model(trained, caplog):
@@ -422,7 +413,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_complete_checkpoints
         pytest.skip("a full disk needs a small tmpfs mount here")
     try:
         argv = ["train", "--config", workspace / "run.yaml", "--output_dir", disk / "run", "--save_steps", "1"]
-        line = _fails(capsys, argv, "No space left on device while writing to")
+        line = fails_with_one_line(capsys, argv, "No space left on device while writing to")
         assert "removed the unfinished checkpoint-" in line
         folders = sorted(disk.joinpath("run").glob("checkpoint-*"))
         assert all((folder / CHECKPOINT_COMPLETE).is_file() for folder in folders)
