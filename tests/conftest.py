@@ -1,3 +1,5 @@
+import json
+import random
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,31 @@ def fails_with_one_line(capsys, argv: list, message: str, unchanged: Path | None
     if unchanged is not None:
         assert folder_snapshot(unchanged) == before
     return errors[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only contend. Used by a module as
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_word_documents(path: Path, count: int) -> Path:
+    """A JSONL file of `count` documents of 20-60 random `WORDS` each (seed 0)."""
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(count)]
+    path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    return path
+
+
+def randomize_experts(experts):
+    """Fill a `ReMoEExperts` module's weights with seeded random values scaled by 1/sqrt(fan-in); returns it."""
+    generator = torch.Generator().manual_seed(1)
+    hidden, intermediate = experts.down_proj.shape[1:]
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) / hidden**0.5)
+        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) / intermediate**0.5)
+    return experts

@@ -4,7 +4,6 @@ nothing in the output folder changed. Also the warnings and fixes where a run ca
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from remoe.training.trainer import CHECKPOINT_COMPLETE
 
-from .conftest import SMALL_MODEL, WORDS, fails_with_one_line
+from .conftest import SMALL_MODEL, fails_with_one_line, write_word_documents
 
 RUN = {
     "model": {**SMALL_MODEL, "l1_coef_init": 1e-4},
@@ -37,9 +36,7 @@ RUN = {
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(200)]
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    write_word_documents(root / "data.jsonl", 200)
     run = {**RUN, "data": {**RUN["data"], "dataset": str(root / "data.jsonl")}}
     (root / "run.yaml").write_text(yaml.safe_dump(run))
     return root

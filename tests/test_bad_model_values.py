@@ -20,7 +20,7 @@ from remoe.checkpoints import CheckpointError, check_checkpoint
 from remoe.kernels import dense_reference_moe_mlp
 from remoe.training.cli import main as remoe_main
 
-from .conftest import WORDS, save_tiny_checkpoint
+from .conftest import WORDS, randomize_experts, save_tiny_checkpoint
 
 BASE = dict(
     vocab_size=64,
@@ -232,13 +232,7 @@ UNALIGNED = [(32, 66, 1), (32, 64, 32), (32, 64, 64), (34, 64, 1)]
 
 
 def _experts(config: remoe.ReMoEConfig) -> modeling_remoe.ReMoEExperts:
-    experts = modeling_remoe.ReMoEExperts(config)
-    generator = torch.Generator().manual_seed(1)
-    hidden, intermediate = experts.down_proj.shape[1:]
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) / hidden**0.5)
-        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) / intermediate**0.5)
-    return experts
+    return randomize_experts(modeling_remoe.ReMoEExperts(config))
 
 
 def _unaligned_config(hidden: int, intermediate: int, granularity: int, **overrides) -> remoe.ReMoEConfig:

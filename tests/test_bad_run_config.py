@@ -4,8 +4,6 @@ and the runs that used to "succeed" without training (a batch larger than the da
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import yaml
 from remoe.training.cli import main
 from remoe.training.run_config import check_with_training_arguments, plan_run, resolve_run
 
-from .conftest import SMALL_MODEL, WORDS
+from .conftest import SMALL_MODEL, write_word_documents
 
 RUN = {
     "model": {**SMALL_MODEL, "l1_coef_init": 1e-4},
@@ -35,9 +33,7 @@ RUN = {
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad-run-config")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(100)]
-    (root / "data.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    write_word_documents(root / "data.jsonl", 100)
     return root
 
 

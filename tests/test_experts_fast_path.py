@@ -29,16 +29,13 @@ import remoe
 from remoe import modeling_remoe
 from remoe.kernels import dense_reference_moe_mlp, sparse_moe_mlp
 
+from .conftest import randomize_experts
+
 MODEL_FILES_DIR = Path(remoe.__file__).parent
 _COPIES = itertools.count()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def import_remote_copy(tmp_path: Path):
@@ -89,13 +86,7 @@ def _config(configuration, num_experts=8, hidden=32, intermediate=64, granularit
 
 def _experts(modeling, config, implementation: str):
     config._experts_implementation = implementation
-    experts = modeling.ReMoEExperts(config)
-    generator = torch.Generator().manual_seed(1)
-    hidden, intermediate = experts.down_proj.shape[1:]
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(torch.randn(experts.gate_up_proj.shape, generator=generator) / hidden**0.5)
-        experts.down_proj.copy_(torch.randn(experts.down_proj.shape, generator=generator) / intermediate**0.5)
-    return experts
+    return randomize_experts(modeling.ReMoEExperts(config))
 
 
 def _relu_gates(tokens: int, num_experts: int, seed: int = 2) -> torch.Tensor:

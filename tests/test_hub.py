@@ -29,13 +29,7 @@ REPO_ID = "acme/tiny-remoe"
 SUBPROCESS_TIMEOUT = 240
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def remoe_push(argv: list[str]) -> int:
